@@ -1,0 +1,8 @@
+"""districompile: ``torch.compile(unet, backend="distri")`` runs a diffusion UNet patch-parallel."""
+
+from .config import DistriConfig
+from .errors import DistriCompileError, ShapeError
+from .explain import ExplainReport, explain
+
+__all__ = ["DistriCompileError", "DistriConfig", "ExplainReport", "ShapeError", "explain"]
+__version__ = "0.1.0"

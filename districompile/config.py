@@ -1,0 +1,48 @@
+"""User options of the ``distri`` backend."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+SYNC_MODES = ("corrected_async_gn", "stale_gn", "separate_gn", "full_sync", "no_sync")
+PARALLELISMS = ("patch", "naive_patch")
+LOWERINGS = ("inductor", "eager")
+
+
+@dataclass(frozen=True)
+class DistriConfig:
+    """Options, also accepted as ``torch.compile(..., options={...})``; names follow distrifuser."""
+
+    sync_mode: str = "corrected_async_gn"
+    parallelism: str = "patch"
+    warmup_steps: int = 4
+    split_batch: bool = True
+    lowering: str = "inductor"
+    cuda_graphs: bool | None = None  # None: on for CUDA inputs
+    group: object = None  # a ProcessGroup; None: the default (WORLD) group
+    spatial_inputs: tuple[str, ...] | None = None  # input names to split; None: 4-d float inputs
+
+    def __post_init__(self):
+        for name, allowed in (("sync_mode", SYNC_MODES), ("parallelism", PARALLELISMS), ("lowering", LOWERINGS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"districompile: {name}={getattr(self, name)!r}; choose one of {allowed}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"districompile: warmup_steps must be >= 0, got {self.warmup_steps}")
+        if isinstance(self.spatial_inputs, str):
+            object.__setattr__(self, "spatial_inputs", (self.spatial_inputs,))
+
+    @property
+    def exchanges(self) -> bool:
+        """False for the seam baseline: each rank runs its patch alone."""
+        return self.parallelism == "patch"
+
+    @classmethod
+    def from_options(cls, options=None, **overrides) -> DistriConfig:
+        if isinstance(options, DistriConfig):
+            return replace(options, **overrides)
+        options = {**(options or {}), **overrides}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"districompile: unknown option(s) {unknown}; known: {sorted(known)}")
+        return cls(**options)

@@ -1,0 +1,86 @@
+"""``explain``: the exchange plan of a model at a given input and world size, with no process group."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .compiler import Plan, plan
+from .config import DistriConfig
+from .passes.annotate import spatial_inputs
+from .passes.propagate import Fallback
+from .rules import Exchange
+
+
+class _Captured(Exception):
+    pass
+
+
+@dataclass
+class ExplainReport:
+    world_size: int
+    row_bounds: tuple[int, ...]
+    exchanges: list[Exchange]
+    fallbacks: list[Fallback]
+    plan: Plan
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(e.bytes_per_call for e in self.exchanges)
+
+    def count(self, kind: str) -> int:
+        return sum(e.kind == kind for e in self.exchanges)
+
+    def __str__(self) -> str:
+        rows = [("node", "kind", "detail", "bytes/call")]
+        rows += [(e.node, e.kind, e.detail, f"{e.bytes_per_call:,}") for e in self.exchanges if e.kind != "slice"]
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = [f"districompile plan: {self.world_size} ranks, rows per rank split at {list(self.row_bounds)}"]
+        for i, row in enumerate(rows):
+            lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+            if i == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        kinds = sorted({e.kind for e in self.exchanges})
+        lines.append("per kind: " + ", ".join(f"{k} x{self.count(k)}" for k in kinds))
+        lines.append(f"total exchanged per call (all ranks): {self.total_bytes:,} bytes ({self.total_bytes / 2**20:.2f} MiB)")
+        if self.fallbacks:
+            lines.append(f"fallback gathers ({len(self.fallbacks)}): ops with no sharding rule run on whole tensors")
+            lines += [f"  {f.node}: {f.op} ({f.reason})" for f in self.fallbacks]
+        else:
+            lines.append("fallback gathers: none")
+        return "\n".join(lines)
+
+
+def explain(model, *args, world_size: int, verbose: bool = True, **options) -> ExplainReport:
+    """Plan ``model(*args, **kwargs)`` for ``world_size`` ranks and print the exchange table.
+
+    Keyword arguments that are backend options (``sync_mode``...) configure the plan; the rest
+    are passed to the model. Nothing is computed: shapes are traced with fake tensors.
+    """
+    option_names = set(DistriConfig.__dataclass_fields__)
+    config = DistriConfig.from_options({k: v for k, v in options.items() if k in option_names})
+    kwargs = {k: v for k, v in options.items() if k not in option_names}
+    captured = {}
+
+    def capture_backend(gm, example_inputs):
+        captured["gm"], captured["inputs"] = gm, list(example_inputs)
+
+        def stop(*_):
+            raise _Captured
+
+        return stop
+
+    compiled = torch.compile(model, backend=capture_backend, fullgraph=True, dynamic=False)
+    try:
+        with torch.no_grad():
+            compiled(*args, **kwargs)
+    except _Captured:
+        pass
+    gm, inputs = captured["gm"], captured["inputs"]
+    model_plan = plan(gm, inputs, spatial_inputs(gm, inputs, config.spatial_inputs), world_size, config.exchanges)
+    prop = model_plan.propagation
+    report = ExplainReport(world_size, model_plan.split.bounds, prop.exchanges, prop.fallbacks, model_plan)
+    if verbose:
+        print(report)
+    return report

@@ -1,0 +1,1 @@
+"""The compiler passes, in order: capture, annotate, propagate, partition."""

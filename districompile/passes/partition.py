@@ -1,0 +1,121 @@
+"""Partition: write the per-rank program.
+
+Every node becomes its local counterpart: shape constants made local, inputs sliced to this
+rank's rows, explicit exchange ops where a rule asked for them, sharded outputs gathered so
+every rank returns the whole result.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from .. import local_ops
+from ..sharding import Replicate, Shard, Spec
+from .propagate import Propagation
+
+aten = torch.ops.aten
+districompile = torch.ops.districompile
+
+
+class Emitter:
+    """Builds one rank's graph; rules call it to emit local code and exchanges."""
+
+    def __init__(self, graph: fx.Graph, specs: dict, rank: int, world: int, group: str):
+        self.graph, self.specs = graph, specs
+        self.rank, self.world, self.group = rank, world, group
+
+    def call(self, target, *args, **kwargs) -> fx.Node:
+        return self.graph.call_function(target, tuple(args), kwargs)
+
+    def local_shape(self, node: fx.Node) -> list[int]:
+        shape, spec = list(node.meta["val"].shape), self.specs[node]
+        return spec.local_shape(shape, self.rank) if isinstance(spec, Shard) else shape
+
+    def fetch_rows(self, local_x: fx.Node, x: fx.Node, need_lo, need_hi, pad_mode: int, fill: float) -> fx.Node:
+        """``local_x`` extended (or trimmed) to global rows ``need_lo[rank]:need_hi[rank]``."""
+        spec: Shard = self.specs[x]
+        shape = list(x.meta["val"].shape)
+        canonical = self.call(aten.reshape.default, local_x, spec.canonical_shape(shape, spec.split.rows(self.rank)))
+        fetched = self.call(
+            districompile.fetch_rows.default, canonical, list(spec.split.bounds), list(need_lo), list(need_hi),
+            self.rank, pad_mode, fill, self.group,
+        )
+        rows = need_hi[self.rank] - need_lo[self.rank]
+        extended = list(shape)
+        extended[spec.dim] = spec.outer * rows * spec.inner
+        return self.call(aten.reshape.default, fetched, extended)
+
+    def narrow_rows(self, wide: fx.Node, out: Shard, first: int) -> fx.Node:
+        """Rows ``first:first + local rows`` of a locally computed (over-wide) spatial result."""
+        rows = out.split.rows(self.rank)
+        return self.call(aten.slice.Tensor, wide, out.dim, first, first + rows)
+
+    def gather(self, local_x: fx.Node, x: fx.Node) -> fx.Node:
+        spec: Shard = self.specs[x]
+        shape = list(x.meta["val"].shape)
+        canonical = self.call(aten.reshape.default, local_x, spec.canonical_shape(shape, spec.split.rows(self.rank)))
+        whole = self.call(districompile.gather_rows.default, canonical, list(spec.split.bounds), self.rank, self.group)
+        return self.call(aten.reshape.default, whole, shape)
+
+    def take(self, whole: fx.Node, x: fx.Node, spec: Shard) -> fx.Node:
+        shape = list(x.meta["val"].shape)
+        split = spec.split
+        canonical = spec.canonical_shape(shape, split.extent)
+        return self.call(
+            local_ops.take_rows, whole, canonical, split.start(self.rank), split.stop(self.rank),
+            spec.local_shape(shape, self.rank),
+        )
+
+    def all_gather_stack(self, x: fx.Node) -> fx.Node:
+        return self.call(districompile.all_gather_stack.default, x, self.world, self.group)
+
+    def all_reduce(self, x: fx.Node, op: str) -> fx.Node:
+        return self.call(districompile.all_reduce.default, x, op, self.group)
+
+
+def _default_emit(em: Emitter, node: fx.Node, args, kwargs) -> fx.Node:
+    return em.call(node.target, *args, **kwargs)
+
+
+def partition(gm: fx.GraphModule, prop: Propagation, rank: int, world: int, group: str) -> fx.GraphModule:
+    graph = fx.Graph()
+    em = Emitter(graph, prop.specs, rank, world, group)
+    env: dict[fx.Node, fx.Node] = {}
+    redistributed: dict[tuple[fx.Node, Spec], fx.Node] = {}
+
+    def redistribute(arg: fx.Node, want: Spec) -> fx.Node:
+        have = prop.specs[arg]
+        if have == want or not isinstance(arg, fx.Node):
+            return env[arg]
+        key = (arg, want)
+        if key not in redistributed:
+            local = env[arg]
+            whole = em.gather(local, arg) if isinstance(have, Shard) else local
+            redistributed[key] = em.take(whole, arg, want) if isinstance(want, Shard) else whole
+        return redistributed[key]
+
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            whole = graph.placeholder(node.name)
+            whole.meta = dict(node.meta)
+            spec = prop.specs[node]
+            env[node] = em.take(whole, node, spec) if isinstance(spec, Shard) else whole
+        elif node.op == "get_attr":
+            env[node] = graph.get_attr(node.target)
+        elif node.op == "output":
+            outputs = fx.node.map_arg(node.args[0], lambda n: redistribute(n, Replicate()) if isinstance(prop.specs.get(n), Shard) else env[n])
+            graph.output(outputs)
+        else:
+            decision = prop.decisions[node]
+            args, kwargs = fx.node.map_arg(
+                (node.args, node.kwargs), lambda a: redistribute(a, decision.require.get(a, prop.specs[a]))
+            )
+            env[node] = (decision.emit or _default_emit)(em, node, args, kwargs)
+            if node.target is not operator.getitem:
+                env[node].meta["source_node"] = node.name
+    graph.eliminate_dead_code()
+    return fx.GraphModule(gm, graph)
+

@@ -1,0 +1,104 @@
+"""Attention: scaled_dot_product_attention, and attention written as matmuls and softmax.
+
+Queries stay sharded by rows; self-attention keys and values built from sharded tokens are
+gathered from all ranks (``kv_gather``); cross-attention K/V from replicated text need nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..sharding import Replicate, Shard
+from .registry import Decision, register
+
+aten = torch.ops.aten
+
+_SDPA = [
+    aten._scaled_dot_product_flash_attention_for_cpu.default,
+    aten._scaled_dot_product_flash_attention.default,
+    aten._scaled_dot_product_efficient_attention.default,
+    aten._scaled_dot_product_cudnn_attention.default,
+    aten.scaled_dot_product_attention.default,
+    aten._scaled_dot_product_attention_math.default,
+]
+
+
+@register(*_SDPA)
+def sdpa(ctx, node):
+    q, k, v = node.args[:3]
+    q_spec = ctx.spec(q)
+    if not isinstance(q_spec, (Shard, Replicate)) or (isinstance(q_spec, Shard) and q_spec.dim != len(ctx.shape(q)) - 2):
+        return None
+    masks = [n for n in node.all_input_nodes if n not in (q, k, v)]
+    if isinstance(q_spec, Shard) and any(isinstance(ctx.spec(m), Shard) or ctx.shape(m)[-2] > 1 for m in masks):
+        return None  # a mask per query row would have to be split like the queries
+    require = {q: q_spec}
+    if ctx.exchange:
+        require.update({k: Replicate(), v: Replicate()})
+    else:  # naive patches attend within their own patch
+        require.update({k: ctx.spec(k), v: ctx.spec(v)})
+    val = node.meta["val"]
+    if isinstance(val, (list, tuple)):
+        # Output 0 is laid out as the queries; the log-sum-exp (N, heads, L) too. The rest are scalars.
+        lse = q_spec if isinstance(q_spec, Replicate) else q_spec.with_dim(q_spec.dim)
+        out = (q_spec, lse) + tuple(Replicate() if isinstance(t, torch.Tensor) else None for t in val[2:])
+    else:
+        out = q_spec
+    return Decision(out, require, gather_kind="kv_gather")
+
+
+@register(aten._softmax, aten._safe_softmax, aten._log_softmax, aten.softmax.int)
+def softmax(ctx, node):
+    spec = ctx.spec(node.args[0])
+    dim = node.args[1] % len(ctx.shape(node.args[0]))
+    if dim == spec.dim:
+        return None
+    return Decision(spec)
+
+
+def _matmul(ctx, node, a, b, batch: int):
+    """``a @ b`` with ``batch`` leading batch dims: (.., M, K) @ (.., K, N)."""
+    sa, sb = ctx.spec(a), ctx.spec(b)
+    a_rows, a_contracted, b_contracted, b_cols = batch, batch + 1, batch, batch + 1
+    if isinstance(sa, Shard) and sa.dim == a_rows:
+        # Rows of the result follow a's rows; b must be whole (keys/values of all ranks).
+        keep_b = sb if (not ctx.exchange and isinstance(sb, Shard)) else Replicate()
+        return Decision(sa, {a: sa, b: keep_b}, gather_kind="kv_gather")
+    if isinstance(sb, Shard) and sb.dim == b_cols and not isinstance(sa, Shard):
+        return Decision(sb, {a: Replicate(), b: sb}, gather_kind="kv_gather")
+    if batch and isinstance(sa, Shard) and sa.dim < batch:
+        return Decision(sa, {a: sa, b: sa.with_dim(sa.dim) if len(ctx.shape(b)) == len(ctx.shape(a)) else Replicate()})
+    if isinstance(sa, Shard) and sa.dim == a_contracted and isinstance(sb, Shard) and sb.dim == b_contracted and sa.with_dim(0) == sb.with_dim(0):
+        return "partial"
+    return None
+
+
+def _partial_sum(node):
+    """Both operands sharded along the contracted rows: local products summed over ranks."""
+    from .reduction import all_reduce_exchange
+
+    def emit(em, node, args, kwargs):
+        return em.all_reduce(em.call(node.target, *args, **kwargs), "sum")
+
+    return Decision(Replicate(), emit=emit, exchanges=[all_reduce_exchange(node)])
+
+
+@register(aten.mm, aten.bmm)
+def matmul(ctx, node):
+    a, b = node.args
+    decision = _matmul(ctx, node, a, b, batch=0 if node.target.overloadpacket == aten.mm else 1)
+    return _partial_sum(node) if decision == "partial" else decision
+
+
+@register(aten.addmm, aten.baddbmm)
+def add_matmul(ctx, node):
+    bias, a, b = node.args[:3]
+    decision = _matmul(ctx, node, a, b, batch=0 if node.target.overloadpacket == aten.addmm else 1)
+    if decision is None or decision == "partial":
+        return None
+    out = decision.out
+    out_ndim = len(ctx.shape(node))
+    dim = out.dim - (out_ndim - len(ctx.shape(bias)))
+    broadcast = dim < 0 or ctx.shape(bias)[dim] == 1
+    decision.require[bias] = Replicate() if broadcast else out.with_dim(dim)
+    return decision

@@ -1,0 +1,46 @@
+"""Normalizations: GroupNorm needs statistics over the whole image, LayerNorm over channels none."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import local_ops
+from ..sharding import Replicate, Shard
+from .registry import Decision, Exchange, register
+
+aten = torch.ops.aten
+
+
+@register(aten.native_group_norm)
+def group_norm(ctx, node):
+    x, weight, bias, n, channels, hxw, groups, eps = node.args
+    spec = ctx.spec(x)
+    if not isinstance(spec, Shard) or spec.dim < 2:
+        return None
+    out = (spec, Replicate(), Replicate())
+    if not ctx.exchange:  # separate statistics per patch
+        return Decision(out, emit=lambda em, node, args, kw: em.call(
+            node.target, *args[:5], math.prod(em.local_shape(x)[2:]), *args[6:]))
+    stats_bytes = ctx.world * n * groups * 2 * 4
+
+    def emit(em, node, args, kwargs):
+        shape = ctx.shape(x)
+        per_channel = [math.prod(spec.local_shape(shape, r)[2:]) for r in range(ctx.world)]
+        counts = [channels // groups * c for c in per_channel]
+        stats = em.call(local_ops.local_group_stats, args[0], groups)
+        every = em.all_gather_stack(stats)
+        return em.call(local_ops.group_norm_from_stats, args[0], stats, every, counts, args[1], args[2], groups, eps)
+
+    exchange = Exchange(node.name, "stats_allgather", f"{n}x{groups} groups", stats_bytes * ctx.world)
+    return Decision(out, emit=emit, exchanges=[exchange])
+
+
+@register(aten.native_layer_norm)
+def layer_norm(ctx, node):
+    x, normalized_shape = node.args[:2]
+    spec = ctx.spec(x)
+    if spec.dim >= len(ctx.shape(x)) - len(normalized_shape):
+        return None
+    return Decision((spec, spec, spec))

@@ -1,0 +1,185 @@
+"""Views, permutations, expansion, slicing, splitting and concatenation.
+
+The sharded rows stay one contiguous factor of one dimension; a view may merge them with
+neighbouring dimensions (``outer``/``inner`` factors) but must not cut them apart.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..sharding import Replicate, Shard
+from .registry import Decision, register
+
+aten = torch.ops.aten
+
+
+def _normalize(dim: int, ndim: int) -> int:
+    return dim + ndim if dim < 0 else dim
+
+
+def _contiguous_strides(shape) -> list[int]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return strides[::-1]
+
+
+def view_target(spec: Shard, in_shape, out_shape) -> Shard | None:
+    """Where the row factor lands after viewing ``in_shape`` as ``out_shape``, if it stays whole."""
+    row_stride = spec.inner * math.prod(in_shape[spec.dim + 1 :])
+    block = row_stride * spec.split.extent
+    candidates = []
+    for dim, (size, stride) in enumerate(zip(out_shape, _contiguous_strides(out_shape))):
+        if stride <= row_stride and row_stride % stride == 0 and (size * stride) % block == 0:
+            candidates.append(Shard(dim, spec.split, size * stride // block, row_stride // stride))
+    # A size-1 dimension can also "hold" the rows when it sits right next to them; prefer a real one.
+    candidates.sort(key=lambda s: out_shape[s.dim] == 1)
+    return candidates[0] if candidates else None
+
+
+def _resolve_shape(shape, numel: int) -> list[int]:
+    shape = list(shape)
+    if -1 in shape:
+        known = math.prod(s for s in shape if s != -1)
+        shape[shape.index(-1)] = numel // known
+    return shape
+
+
+@register(aten.view, aten._unsafe_view, aten.reshape, aten.view_copy)
+def view(ctx, node):
+    src, shape = node.args[0], node.args[1]
+    spec = ctx.spec(src)
+    in_shape = ctx.shape(src)
+    out_shape = _resolve_shape(shape, math.prod(in_shape))
+    out = view_target(spec, in_shape, out_shape)
+    if out is None:
+        return None
+
+    def emit(em, node, args, kwargs):
+        return em.call(node.target, args[0], out.local_shape(out_shape, em.rank))
+
+    return Decision(out, emit=emit)
+
+
+@register(aten.permute)
+def permute(ctx, node):
+    spec = ctx.spec(node.args[0])
+    dims = [_normalize(d, len(node.args[1])) for d in node.args[1]]
+    return Decision(spec.with_dim(dims.index(spec.dim)))
+
+
+@register(aten.transpose.int)
+def transpose(ctx, node):
+    spec = ctx.spec(node.args[0])
+    ndim = len(ctx.shape(node.args[0]))
+    a, b = (_normalize(d, ndim) for d in node.args[1:3])
+    swap = {a: b, b: a}
+    return Decision(spec.with_dim(swap.get(spec.dim, spec.dim)))
+
+
+@register(aten.t)
+def t(ctx, node):
+    spec = ctx.spec(node.args[0])
+    return Decision(spec.with_dim(1 - spec.dim) if len(ctx.shape(node.args[0])) == 2 else spec)
+
+
+@register(aten.unsqueeze)
+def unsqueeze(ctx, node):
+    spec = ctx.spec(node.args[0])
+    dim = _normalize(node.args[1], len(ctx.shape(node.args[0])) + 1)
+    return Decision(spec.with_dim(spec.dim + (dim <= spec.dim)))
+
+
+@register(aten.squeeze)
+def squeeze(ctx, node):
+    spec = ctx.spec(node.args[0])
+    in_shape = ctx.shape(node.args[0])
+    if len(node.args) > 1:
+        dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
+        dims = {_normalize(d, len(in_shape)) for d in dims}
+    else:
+        dims = set(range(len(in_shape)))
+    removed = {d for d in dims if in_shape[d] == 1}
+    return Decision(spec.with_dim(spec.dim - sum(d < spec.dim for d in removed)))
+
+
+@register(aten.expand)
+def expand(ctx, node):
+    src, sizes = node.args[0], list(node.args[1])
+    spec = ctx.spec(src)
+    out = spec.with_dim(spec.dim + len(sizes) - len(ctx.shape(src)))
+
+    def emit(em, node, args, kwargs):
+        local = list(sizes)
+        if local[out.dim] != -1:
+            local[out.dim] = out.local_size(em.rank)
+        return em.call(node.target, args[0], local)
+
+    return Decision(out, emit=emit)
+
+
+def _covers(start, end, step, size) -> bool:
+    return (start in (None, 0)) and (end is None or end >= size) and step == 1
+
+
+@register(aten.slice.Tensor)
+def slice_(ctx, node):
+    src = node.args[0]
+    spec = ctx.spec(src)
+    ndim = len(ctx.shape(src))
+    dim, start, end, step = (list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1 :])[:4]
+    dim = _normalize(dim, ndim)
+    if dim != spec.dim:
+        return Decision(spec)
+    if _covers(start, end, step, ctx.shape(src)[dim]):
+        return Decision(spec, emit=lambda em, node, args, kwargs: args[0])
+    return None
+
+
+@register(aten.select.int)
+def select(ctx, node):
+    spec = ctx.spec(node.args[0])
+    dim = _normalize(node.args[1], len(ctx.shape(node.args[0])))
+    if dim == spec.dim:
+        return None
+    return Decision(spec.with_dim(spec.dim - (dim < spec.dim)))
+
+
+@register(aten.split.Tensor, aten.split_with_sizes, aten.unbind.int, aten.chunk)
+def split(ctx, node):
+    spec = ctx.spec(node.args[0])
+    ndim = len(ctx.shape(node.args[0]))
+    default_dim = 0
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", default_dim)
+    if node.target == aten.unbind.int:
+        dim = node.args[1] if len(node.args) > 1 else 0
+    dim = _normalize(dim, ndim)
+    if dim == spec.dim:
+        return None
+    part = spec if node.target != aten.unbind.int else spec.with_dim(spec.dim - (dim < spec.dim))
+    return Decision(tuple(part for _ in node.meta["val"]))
+
+
+@register(aten.cat, aten.stack)
+def cat(ctx, node):
+    tensors = node.args[0]
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    ref_ndim = max(len(ctx.shape(t)) for t in tensors)
+    stacking = node.target.overloadpacket == aten.stack
+    out_ndim = ref_ndim + stacking
+    dim = _normalize(dim, out_ndim)
+    target = next(ctx.spec(t) for t in tensors if isinstance(ctx.spec(t), Shard))
+    if not stacking and target.dim == dim:
+        return None
+    require = {}
+    for t in tensors:
+        if len(ctx.shape(t)) != ref_ndim:  # legacy empty 1-d tensors that cat skips
+            require[t] = Replicate()
+            continue
+        require[t] = target
+    out = target.with_dim(target.dim + (stacking and dim <= target.dim))
+    return Decision(out, require)
