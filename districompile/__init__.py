@@ -3,6 +3,7 @@
 from .config import DistriConfig
 from .errors import DistriCompileError, ShapeError
 from .explain import ExplainReport, explain
+from .runtime import reset
 
-__all__ = ["DistriCompileError", "DistriConfig", "ExplainReport", "ShapeError", "explain"]
+__all__ = ["DistriCompileError", "DistriConfig", "ExplainReport", "ShapeError", "explain", "reset"]
 __version__ = "0.1.0"

@@ -8,6 +8,9 @@ layout. Every rank calls every op in the same order, even where it has nothing t
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
@@ -32,12 +35,59 @@ def source_row(row: int, extent: int, pad_mode: int) -> int | None:
     return reflected
 
 
-def _rows_wanted(bounds, lo: int, hi: int, pad_mode: int) -> list[int | None]:
-    return [source_row(row, bounds[-1], pad_mode) for row in range(lo, hi)]
+@dataclass(frozen=True)
+class HaloPlan:
+    """Who sends which rows to whom for one row fetch, and how to assemble the result."""
+
+    sends: tuple[tuple[int, tuple[int, ...]], ...]  # (peer, local row indices to send)
+    receives: tuple[tuple[int, int], ...]  # (peer, number of rows)
+    index: tuple[int, ...]  # result row -> row of cat([x, received..., fill row])
 
 
-def _owned(rows, bounds, rank: int) -> list[int]:
-    return sorted({r for r in rows if r is not None and bounds[rank] <= r < bounds[rank + 1]})
+@functools.lru_cache(maxsize=None)
+def halo_plan(bounds: tuple, need_lo: tuple, need_hi: tuple, rank: int, pad_mode: int) -> HaloPlan:
+    world, start = len(bounds) - 1, bounds[rank]
+    wanted = [[source_row(r, bounds[-1], pad_mode) for r in range(need_lo[q], need_hi[q])] for q in range(world)]
+
+    def owned(rows, owner):
+        return sorted({r for r in rows if r is not None and bounds[owner] <= r < bounds[owner + 1]})
+
+    position = {row: row - start for row in range(start, bounds[rank + 1])}
+    offset = bounds[rank + 1] - start
+    sends, receives = [], []
+    for peer in range(world):
+        if peer == rank:
+            continue
+        to_send = owned(wanted[peer], rank)
+        if to_send:
+            sends.append((peer, tuple(r - start for r in to_send)))
+        to_receive = owned(wanted[rank], peer)
+        if to_receive:
+            receives.append((peer, len(to_receive)))
+            for i, row in enumerate(to_receive):
+                position[row] = offset + i
+            offset += len(to_receive)
+    index = tuple(offset if row is None else position[row] for row in wanted[rank])
+    return HaloPlan(tuple(sends), tuple(receives), index)
+
+
+def post_halo(x: torch.Tensor, plan: HaloPlan, pg, into: list[torch.Tensor] | None = None):
+    """Start the sends and receives of ``plan``; returns (receive buffers, works)."""
+    ops, buffers = [], []
+    for i, (peer, count) in enumerate(plan.receives):
+        buffer = into[i] if into is not None else x.new_empty(x.shape[0], x.shape[1], count, x.shape[3])
+        buffers.append(buffer)
+        ops.append(dist.P2POp(dist.irecv, buffer, dist.get_global_rank(pg, peer), pg))
+    for peer, rows in plan.sends:
+        index = torch.tensor(rows, device=x.device)
+        ops.append(dist.P2POp(dist.isend, x.index_select(ROW_DIM, index).contiguous(), dist.get_global_rank(pg, peer), pg))
+    return buffers, (dist.batch_isend_irecv(ops) if ops else [])
+
+
+def assemble_halo(x: torch.Tensor, plan: HaloPlan, received: list[torch.Tensor], fill: float) -> torch.Tensor:
+    fill_row = x.new_full((x.shape[0], x.shape[1], 1, x.shape[3]), fill)
+    rows = torch.cat([x, *received, fill_row], ROW_DIM)
+    return rows.index_select(ROW_DIM, torch.tensor(plan.index, device=x.device))
 
 
 @torch.library.custom_op("districompile::fetch_rows", mutates_args=())
@@ -56,42 +106,11 @@ def fetch_rows(
     Rows held by other ranks arrive by point-to-point messages; rows past the image's edges
     are padded (``pad_mode``). Each rank also sends the rows the others need from it.
     """
-    pg = _resolve_process_group(group)
-    world = len(bounds) - 1
-    start = bounds[rank]
-    wanted = [_rows_wanted(bounds, need_lo[r], need_hi[r], pad_mode) for r in range(world)]
-
-    ops, received = [], {}
-    for peer in range(world):
-        if peer == rank:
-            continue
-        peer_rank = dist.get_global_rank(pg, peer)
-        to_send = _owned(wanted[peer], bounds, rank)
-        if to_send:
-            index = torch.tensor(to_send, device=x.device) - start
-            ops.append(dist.P2POp(dist.isend, x.index_select(ROW_DIM, index).contiguous(), peer_rank, pg))
-        to_receive = _owned(wanted[rank], bounds, peer)
-        if to_receive:
-            buffer = x.new_empty(x.shape[0], x.shape[1], len(to_receive), x.shape[3])
-            received[peer] = (to_receive, buffer)
-            ops.append(dist.P2POp(dist.irecv, buffer, peer_rank, pg))
-    if ops:
-        for work in dist.batch_isend_irecv(ops):
-            work.wait()
-
-    # Assemble: row sources are this rank's rows, received rows, and one fill row.
-    pieces, position = [x], {}
-    for row in range(start, bounds[rank + 1]):
-        position[row] = row - start
-    offset = x.shape[ROW_DIM]
-    for rows, buffer in received.values():
-        for i, row in enumerate(rows):
-            position[row] = offset + i
-        pieces.append(buffer)
-        offset += len(rows)
-    pieces.append(x.new_full((x.shape[0], x.shape[1], 1, x.shape[3]), fill))
-    index = [offset if row is None else position[row] for row in wanted[rank]]
-    return torch.cat(pieces, ROW_DIM).index_select(ROW_DIM, torch.tensor(index, device=x.device))
+    plan = halo_plan(tuple(bounds), tuple(need_lo), tuple(need_hi), rank, pad_mode)
+    received, works = post_halo(x, plan, _resolve_process_group(group))
+    for work in works:
+        work.wait()
+    return assemble_halo(x, plan, received, fill)
 
 
 @fetch_rows.register_fake
@@ -99,19 +118,29 @@ def _(x, bounds, need_lo, need_hi, rank, pad_mode, fill, group):
     return x.new_empty(x.shape[0], x.shape[1], need_hi[rank] - need_lo[rank], x.shape[3])
 
 
+def row_counts(bounds) -> list[int]:
+    return [b - a for a, b in zip(bounds, bounds[1:])]
+
+
+def post_row_gather(x: torch.Tensor, bounds, pg, into: list[torch.Tensor] | None = None):
+    """Start an all-gather of every rank's row block (padded to the largest); returns (blocks, work)."""
+    most = max(row_counts(bounds))
+    if x.shape[ROW_DIM] < most:  # all-gather wants equal blocks
+        x = torch.cat([x, x.new_zeros(x.shape[0], x.shape[1], most - x.shape[ROW_DIM], x.shape[3])], ROW_DIM)
+    blocks = into if into is not None else [torch.empty_like(x) for _ in range(len(bounds) - 1)]
+    return blocks, dist.all_gather(blocks, x.contiguous(), group=pg, async_op=True)
+
+
+def join_rows(blocks, bounds) -> torch.Tensor:
+    return torch.cat([block[:, :, :count] for block, count in zip(blocks, row_counts(bounds))], ROW_DIM)
+
+
 @torch.library.custom_op("districompile::gather_rows", mutates_args=())
 def gather_rows(x: torch.Tensor, bounds: list[int], rank: int, group: str) -> torch.Tensor:
     """All rows of the image on every rank: an all-gather of uneven row blocks."""
-    pg = _resolve_process_group(group)
-    world = len(bounds) - 1
-    counts = [bounds[r + 1] - bounds[r] for r in range(world)]
-    most = max(counts)
-    padded = x
-    if x.shape[ROW_DIM] < most:  # all-gather wants equal blocks
-        padded = torch.cat([x, x.new_zeros(x.shape[0], x.shape[1], most - x.shape[ROW_DIM], x.shape[3])], ROW_DIM)
-    blocks = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(blocks, padded.contiguous(), group=pg)
-    return torch.cat([block[:, :, :count] for block, count in zip(blocks, counts)], ROW_DIM)
+    blocks, work = post_row_gather(x, bounds, _resolve_process_group(group))
+    work.wait()
+    return join_rows(blocks, bounds)
 
 
 @gather_rows.register_fake

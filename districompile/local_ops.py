@@ -14,35 +14,34 @@ def take_rows(x: torch.Tensor, canonical: list[int], start: int, stop: int, loca
     return x.reshape(canonical)[:, :, start:stop].reshape(local_shape)
 
 
+def local_group_stats(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """Per (sample, group): this rank's element count, mean and sum of squared deviations, in float32."""
+    grouped = x.reshape(x.shape[0], groups, -1).float()
+    mean = grouped.mean(-1)
+    m2 = ((grouped - mean.unsqueeze(-1)) ** 2).sum(-1)
+    return torch.stack([torch.full_like(mean, grouped.shape[-1]), mean, m2], -1)
+
+
 def group_norm_from_stats(
     x: torch.Tensor,
-    local_stats: torch.Tensor,
     all_stats: torch.Tensor,
-    counts: list[int],
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     groups: int,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GroupNorm of ``x`` (and the mean and rstd) with statistics merged over the ranks' row blocks.
+    """GroupNorm of ``x`` (and its mean and rstd) with statistics merged over the ranks.
 
-    ``all_stats[r]`` holds rank r's per-group (mean, M2) over its ``counts[r]`` elements;
-    merging means and squared deviations (Chan et al.) is exact and stable, unlike E[x^2]-E[x]^2.
+    ``all_stats[r]`` is rank r's ``local_group_stats``. Merging counts, means and squared
+    deviations (Chan et al.) is exact and stable, unlike E[x^2] - E[x]^2; a rank whose
+    statistics are left out (count 0) drops out of the merge.
     """
-    n = torch.tensor(counts, dtype=all_stats.dtype, device=all_stats.device).view(-1, 1, 1)
-    means, m2s = all_stats[..., 0], all_stats[..., 1]
-    mean = (means * n).sum(0) / n.sum()
+    n, means, m2s = all_stats.unbind(-1)
+    total = n.sum(0)
+    mean = (n * means).sum(0) / total
     m2 = m2s.sum(0) + (n * (means - mean) ** 2).sum(0)
-    rstd = torch.rsqrt(m2 / n.sum() + eps)
+    rstd = torch.rsqrt(m2 / total + eps)
     return apply_group_norm(x, mean, rstd, weight, bias, groups), mean, rstd
-
-
-def local_group_stats(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """Per (sample, group) mean and sum of squared deviations over this rank's elements, in float32."""
-    grouped = x.reshape(x.shape[0], groups, -1).float()
-    mean = grouped.mean(-1)
-    m2 = ((grouped - mean.unsqueeze(-1)) ** 2).sum(-1)
-    return torch.stack([mean, m2], -1)
 
 
 def apply_group_norm(x, mean, rstd, weight, bias, groups: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""One runtime per compiled graph: its process group, per-shape programs and call count."""
+"""One runtime per compiled graph: its process group, per-shape programs and trajectory state."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 
+from . import displaced
 from .backends.lowering import lower
 from .compiler import plan
 from .config import DistriConfig
 from .errors import DistriCompileError
 from .passes.annotate import spatial_inputs
+from .passes.displace import displace
 
 log = logging.getLogger(__name__)
 torch._logging._internal.register_artifact("distri_graph", "the per-rank program districompile writes", off_by_default=True)
@@ -28,17 +30,53 @@ def _shape_key(args) -> tuple:
     )
 
 
+class Trajectory:
+    """The compiled phases of one input shape and where the current trajectory stands."""
+
+    def __init__(self, warmup, steady, state_id: int | None, warmup_steps: int):
+        self.warmup, self.steady, self.state_id = warmup, steady, state_id
+        self.warmup_steps = warmup_steps
+        self.calls = 0
+        self.last_timestep: float | None = None
+
+    def restart(self):
+        self.calls = 0
+        self.last_timestep = None
+        if self.state_id is not None:
+            displaced.state(self.state_id).drain()
+
+    def program(self):
+        """The warm-up program for the first calls of a trajectory, the steady one after."""
+        steady = self.steady is not None and self.calls >= self.warmup_steps
+        self.calls += 1
+        return self.steady if steady else self.warmup
+
+
 class DistriRuntime:
-    """Compiles the Dynamo graph into a per-rank program for each input shape and runs it."""
+    """Compiles the Dynamo graph into per-rank programs for each input shape and runs them.
+
+    With a displaced ``sync_mode`` each shape has two programs: the warm-up one (exchanges
+    synchronous, their results recorded) and the steady one (stale exchanges, sent
+    asynchronously for the next call). A trajectory restarts on ``reset()`` or when a
+    timestep goes up (diffusion timesteps fall along a trajectory).
+    """
 
     def __init__(self, dynamo_gm: fx.GraphModule, example_inputs: list, config: DistriConfig):
         self.dynamo_gm = dynamo_gm
         self.config = config
         self.spatial = spatial_inputs(dynamo_gm, example_inputs, config.spatial_inputs)
         self.parameter_ids = {id(x) for x in example_inputs if isinstance(x, torch.nn.Parameter)}
-        self.programs: dict[tuple, object] = {}
-        self.calls = 0
+        self.timesteps = [
+            i for i, x in enumerate(example_inputs)
+            if isinstance(x, torch.Tensor) and x.numel() <= 2 and not isinstance(x, torch.nn.Parameter) and i not in self.spatial
+        ]
+        self.trajectories: dict[tuple, Trajectory] = {}
+        self.compilations = 0
         _LIVE.add(self)
+
+    @property
+    def displaced(self) -> bool:
+        return self.config.sync_mode != "full_sync" and self.config.exchanges
 
     def group(self):
         if not dist.is_initialized():
@@ -48,18 +86,56 @@ class DistriRuntime:
             )
         return self.config.group or dist.group.WORLD
 
-    def compile(self, args) -> object:
+    def _lower(self, program, args):
+        self.compilations += 1
+        return lower(program, list(args), self.config)
+
+    def compile(self, args) -> Trajectory:
         group = self.group()
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         model_plan = plan(self.dynamo_gm, list(args), self.spatial, world, self.config.exchanges)
         program = model_plan.program(rank, group.group_name)
-        graph_log.debug("districompile rank %d/%d program:\n%s", rank, world, program.print_readable(print_output=False))
         log.info("districompile: rows split %s over %d ranks", list(model_plan.split.bounds), world)
-        return lower(program, list(args), self.config)
+        if not self.displaced:
+            graph_log.debug("districompile rank %d/%d program:\n%s", rank, world, program.print_readable(print_output=False))
+            return Trajectory(self._lower(program, args), None, None, 0)
+        state_id = displaced.new_state()
+        warmup = displace(program, self.config.sync_mode, state_id, stale=False, rank=rank)
+        steady = displace(program, self.config.sync_mode, state_id, stale=True, rank=rank)
+        graph_log.debug("districompile rank %d/%d steady program:\n%s", rank, world, steady.print_readable(print_output=False))
+        # Stale values need one synchronous call to exist.
+        warmup_steps = max(self.config.warmup_steps, 1)
+        return Trajectory(self._lower(warmup, args), self._lower(steady, args), state_id, warmup_steps)
+
+    def reset(self):
+        for trajectory in self.trajectories.values():
+            trajectory.restart()
+
+    def _timestep(self, args) -> float | None:
+        if not self.timesteps:
+            return None
+        return max(float(args[i].max()) for i in self.timesteps)
 
     def __call__(self, *args):
         key = _shape_key(args)
-        if key not in self.programs:
-            self.programs[key] = self.compile(args)
-        self.calls += 1
-        return self.programs[key](*args)
+        if key not in self.trajectories:
+            self.trajectories[key] = self.compile(args)
+        trajectory = self.trajectories[key]
+        if trajectory.steady is not None:
+            timestep = self._timestep(args)
+            if timestep is not None and trajectory.last_timestep is not None and timestep > trajectory.last_timestep:
+                trajectory.restart()
+            trajectory.last_timestep = timestep
+        return trajectory.program()(*args)
+
+
+def reset(model) -> int:
+    """Start a new trajectory (warm-up again, no stale values reused) for every compiled graph of ``model``.
+
+    Returns how many compiled graphs were reset.
+    """
+    ids = {id(p) for p in model.parameters()}
+    runtimes = [r for r in list(_LIVE) if r.parameter_ids & ids]
+    for runtime in runtimes:
+        runtime.reset()
+    return len(runtimes)

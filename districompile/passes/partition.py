@@ -30,6 +30,12 @@ class Emitter:
     def call(self, target, *args, **kwargs) -> fx.Node:
         return self.graph.call_function(target, tuple(args), kwargs)
 
+    def exchange(self, kind: str, target, *args) -> fx.Node:
+        """An exchange op, tagged with its kind for the displace pass and the tests."""
+        node = self.call(target, *args)
+        node.meta["exchange"] = kind
+        return node
+
     def local_shape(self, node: fx.Node) -> list[int]:
         shape, spec = list(node.meta["val"].shape), self.specs[node]
         return spec.local_shape(shape, self.rank) if isinstance(spec, Shard) else shape
@@ -39,8 +45,8 @@ class Emitter:
         spec: Shard = self.specs[x]
         shape = list(x.meta["val"].shape)
         canonical = self.call(aten.reshape.default, local_x, spec.canonical_shape(shape, spec.split.rows(self.rank)))
-        fetched = self.call(
-            districompile.fetch_rows.default, canonical, list(spec.split.bounds), list(need_lo), list(need_hi),
+        fetched = self.exchange(
+            "halo", districompile.fetch_rows.default, canonical, list(spec.split.bounds), list(need_lo), list(need_hi),
             self.rank, pad_mode, fill, self.group,
         )
         rows = need_hi[self.rank] - need_lo[self.rank]
@@ -53,11 +59,11 @@ class Emitter:
         rows = out.split.rows(self.rank)
         return self.call(aten.slice.Tensor, wide, out.dim, first, first + rows)
 
-    def gather(self, local_x: fx.Node, x: fx.Node) -> fx.Node:
+    def gather(self, local_x: fx.Node, x: fx.Node, kind: str) -> fx.Node:
         spec: Shard = self.specs[x]
         shape = list(x.meta["val"].shape)
         canonical = self.call(aten.reshape.default, local_x, spec.canonical_shape(shape, spec.split.rows(self.rank)))
-        whole = self.call(districompile.gather_rows.default, canonical, list(spec.split.bounds), self.rank, self.group)
+        whole = self.exchange(kind, districompile.gather_rows.default, canonical, list(spec.split.bounds), self.rank, self.group)
         return self.call(aten.reshape.default, whole, shape)
 
     def take(self, whole: fx.Node, x: fx.Node, spec: Shard) -> fx.Node:
@@ -70,10 +76,10 @@ class Emitter:
         )
 
     def all_gather_stack(self, x: fx.Node) -> fx.Node:
-        return self.call(districompile.all_gather_stack.default, x, self.world, self.group)
+        return self.exchange("stats", districompile.all_gather_stack.default, x, self.world, self.group)
 
     def all_reduce(self, x: fx.Node, op: str) -> fx.Node:
-        return self.call(districompile.all_reduce.default, x, op, self.group)
+        return self.exchange("allreduce", districompile.all_reduce.default, x, op, self.group)
 
 
 def _default_emit(em: Emitter, node: fx.Node, args, kwargs) -> fx.Node:
@@ -86,14 +92,15 @@ def partition(gm: fx.GraphModule, prop: Propagation, rank: int, world: int, grou
     env: dict[fx.Node, fx.Node] = {}
     redistributed: dict[tuple[fx.Node, Spec], fx.Node] = {}
 
-    def redistribute(arg: fx.Node, want: Spec) -> fx.Node:
+    def redistribute(arg: fx.Node, want: Spec, kind: str) -> fx.Node:
         have = prop.specs[arg]
-        if have == want or not isinstance(arg, fx.Node):
+        if have == want:
             return env[arg]
         key = (arg, want)
         if key not in redistributed:
             local = env[arg]
-            whole = em.gather(local, arg) if isinstance(have, Shard) else local
+            kind = kind if isinstance(want, Replicate) else "resplit"
+            whole = em.gather(local, arg, kind) if isinstance(have, Shard) else local
             redistributed[key] = em.take(whole, arg, want) if isinstance(want, Shard) else whole
         return redistributed[key]
 
@@ -106,12 +113,12 @@ def partition(gm: fx.GraphModule, prop: Propagation, rank: int, world: int, grou
         elif node.op == "get_attr":
             env[node] = graph.get_attr(node.target)
         elif node.op == "output":
-            outputs = fx.node.map_arg(node.args[0], lambda n: redistribute(n, Replicate()) if isinstance(prop.specs.get(n), Shard) else env[n])
+            outputs = fx.node.map_arg(node.args[0], lambda n: redistribute(n, Replicate(), "output_gather") if isinstance(prop.specs.get(n), Shard) else env[n])
             graph.output(outputs)
         else:
             decision = prop.decisions[node]
             args, kwargs = fx.node.map_arg(
-                (node.args, node.kwargs), lambda a: redistribute(a, decision.require.get(a, prop.specs[a]))
+                (node.args, node.kwargs), lambda a: redistribute(a, decision.require.get(a, prop.specs[a]), decision.gather_kind)
             )
             env[node] = (decision.emit or _default_emit)(em, node, args, kwargs)
             if node.target is not operator.getitem:

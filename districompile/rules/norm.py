@@ -23,15 +23,12 @@ def group_norm(ctx, node):
     if not ctx.exchange:  # separate statistics per patch
         return Decision(out, emit=lambda em, node, args, kw: em.call(
             node.target, *args[:5], math.prod(em.local_shape(x)[2:]), *args[6:]))
-    stats_bytes = ctx.world * n * groups * 2 * 4
+    stats_bytes = ctx.world * n * groups * 3 * 4
 
     def emit(em, node, args, kwargs):
-        shape = ctx.shape(x)
-        per_channel = [math.prod(spec.local_shape(shape, r)[2:]) for r in range(ctx.world)]
-        counts = [channels // groups * c for c in per_channel]
         stats = em.call(local_ops.local_group_stats, args[0], groups)
         every = em.all_gather_stack(stats)
-        return em.call(local_ops.group_norm_from_stats, args[0], stats, every, counts, args[1], args[2], groups, eps)
+        return em.call(local_ops.group_norm_from_stats, args[0], every, args[1], args[2], groups, eps)
 
     exchange = Exchange(node.name, "stats_allgather", f"{n}x{groups} groups", stats_bytes * ctx.world)
     return Decision(out, emit=emit, exchanges=[exchange])

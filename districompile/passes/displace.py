@@ -1,0 +1,54 @@
+"""Displace: turn a synchronous per-rank program into the warm-up or steady program of a sync mode.
+
+Each exchange that the mode displaces becomes its ``*_displaced`` op with a site number
+(the same on every rank: sites are numbered in program order) and the phase flag ``stale``.
+Fallback gathers always stay synchronous: they exist for correctness.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx as fx
+
+from .. import displaced  # noqa: F401  (registers the displaced ops)
+from ..displaced import CORRECTED, SEPARATE, STALE
+
+districompile = torch.ops.districompile
+
+# sync_mode -> (GroupNorm statistics mode, spatial reduction mode, output gather displaced?)
+MODES = {
+    "corrected_async_gn": (CORRECTED, CORRECTED, False),
+    "stale_gn": (STALE, STALE, False),
+    "separate_gn": (SEPARATE, CORRECTED, False),
+    "no_sync": (STALE, STALE, True),
+}
+
+
+def displace(program: fx.GraphModule, sync_mode: str, state_id: int, stale: bool, rank: int) -> fx.GraphModule:
+    stats_mode, reduce_mode, displace_output = MODES[sync_mode]
+    gm = fx.GraphModule(program, copy.deepcopy(program.graph))
+    site = 0
+    for node in gm.graph.nodes:
+        kind = node.meta.get("exchange")
+        tail = (state_id, site, stale)
+        if kind == "halo":
+            node.target = districompile.fetch_rows_displaced.default
+        elif kind == "kv_gather" or (kind == "output_gather" and displace_output):
+            node.target = districompile.gather_rows_displaced.default
+        elif kind == "stats":
+            x, world, group = node.args
+            node.args = (x, world, rank, group)
+            node.target = districompile.all_gather_stack_displaced.default
+            tail += (stats_mode,)
+        elif kind == "allreduce":
+            node.target = districompile.all_reduce_displaced.default
+            tail += (reduce_mode,)
+        else:
+            continue
+        node.args = tuple(node.args) + tail
+        site += 1
+    gm.recompile()
+    return gm
+
