@@ -3,7 +3,8 @@
 from .config import DistriConfig
 from .errors import DistriCompileError, ShapeError
 from .explain import ExplainReport, explain
-from .runtime import reset
+from .pipelines import parallelize
+from .runtime import reset, runtimes
 
-__all__ = ["DistriCompileError", "DistriConfig", "ExplainReport", "ShapeError", "explain", "reset"]
+__all__ = ["DistriCompileError", "DistriConfig", "ExplainReport", "ShapeError", "explain", "parallelize", "reset", "runtimes"]
 __version__ = "0.1.0"

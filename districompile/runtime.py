@@ -129,13 +129,18 @@ class DistriRuntime:
         return trajectory.program()(*args)
 
 
+def runtimes(model) -> list[DistriRuntime]:
+    """The runtimes of ``model``'s compiled graphs (one per graph Dynamo captured)."""
+    ids = {id(p) for p in model.parameters()}
+    return [r for r in list(_LIVE) if r.parameter_ids & ids]
+
+
 def reset(model) -> int:
     """Start a new trajectory (warm-up again, no stale values reused) for every compiled graph of ``model``.
 
     Returns how many compiled graphs were reset.
     """
-    ids = {id(p) for p in model.parameters()}
-    runtimes = [r for r in list(_LIVE) if r.parameter_ids & ids]
-    for runtime in runtimes:
+    found = runtimes(model)
+    for runtime in found:
         runtime.reset()
-    return len(runtimes)
+    return len(found)
