@@ -35,13 +35,30 @@ def source_row(row: int, extent: int, pad_mode: int) -> int | None:
     return reflected
 
 
+Segment = tuple[int, int, int]  # (source, first row, row count); source -1: this rank, -2: fill, else a peer
+
+
 @dataclass(frozen=True)
 class HaloPlan:
-    """Who sends which rows to whom for one row fetch, and how to assemble the result."""
+    """Who sends which rows to whom for one row fetch, and how to assemble the result.
 
-    sends: tuple[tuple[int, tuple[int, ...]], ...]  # (peer, local row indices to send)
-    receives: tuple[tuple[int, int], ...]  # (peer, number of rows)
-    index: tuple[int, ...]  # result row -> row of cat([x, received..., fill row])
+    Rows move as contiguous runs (slices and one cat), so no index tensor is built per call
+    and the plan can be replayed inside a CUDA graph.
+    """
+
+    sends: tuple[tuple[int, tuple[tuple[int, int], ...]], ...]  # (peer, runs of local rows: (first, count))
+    receives: tuple[tuple[int, int], ...]  # (peer, number of rows), received in ascending row order
+    segments: tuple[Segment, ...]  # the result, top to bottom
+
+
+def _runs(rows: list[int]) -> list[tuple[int, int]]:
+    runs = []
+    for row in rows:
+        if runs and runs[-1][0] + runs[-1][1] == row:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((row, 1))
+    return runs
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,23 +69,31 @@ def halo_plan(bounds: tuple, need_lo: tuple, need_hi: tuple, rank: int, pad_mode
     def owned(rows, owner):
         return sorted({r for r in rows if r is not None and bounds[owner] <= r < bounds[owner + 1]})
 
-    position = {row: row - start for row in range(start, bounds[rank + 1])}
-    offset = bounds[rank + 1] - start
+    where = {row: (-1, row - start) for row in range(start, bounds[rank + 1])}  # row -> (source, index)
     sends, receives = [], []
     for peer in range(world):
         if peer == rank:
             continue
         to_send = owned(wanted[peer], rank)
         if to_send:
-            sends.append((peer, tuple(r - start for r in to_send)))
+            sends.append((peer, tuple(_runs([r - start for r in to_send]))))
         to_receive = owned(wanted[rank], peer)
         if to_receive:
             receives.append((peer, len(to_receive)))
-            for i, row in enumerate(to_receive):
-                position[row] = offset + i
-            offset += len(to_receive)
-    index = tuple(offset if row is None else position[row] for row in wanted[rank])
-    return HaloPlan(tuple(sends), tuple(receives), index)
+            where.update({row: (len(receives) - 1, i) for i, row in enumerate(to_receive)})
+    segments: list[list[int]] = []
+    for row in wanted[rank]:
+        source, index = (-2, 0) if row is None else where[row]
+        last = segments[-1] if segments else None
+        if last and last[0] == source and (source == -2 or last[1] + last[2] == index):
+            last[2] += 1
+        else:
+            segments.append([source, index, 1])
+    return HaloPlan(tuple(sends), tuple(receives), tuple(tuple(s) for s in segments))
+
+
+def _rows(x: torch.Tensor, runs) -> torch.Tensor:
+    return torch.cat([x.narrow(ROW_DIM, first, count) for first, count in runs], ROW_DIM)
 
 
 def post_halo(x: torch.Tensor, plan: HaloPlan, pg, into: list[torch.Tensor] | None = None):
@@ -78,16 +103,19 @@ def post_halo(x: torch.Tensor, plan: HaloPlan, pg, into: list[torch.Tensor] | No
         buffer = into[i] if into is not None else x.new_empty(x.shape[0], x.shape[1], count, x.shape[3])
         buffers.append(buffer)
         ops.append(dist.P2POp(dist.irecv, buffer, dist.get_global_rank(pg, peer), pg))
-    for peer, rows in plan.sends:
-        index = torch.tensor(rows, device=x.device)
-        ops.append(dist.P2POp(dist.isend, x.index_select(ROW_DIM, index).contiguous(), dist.get_global_rank(pg, peer), pg))
+    for peer, runs in plan.sends:
+        ops.append(dist.P2POp(dist.isend, _rows(x, runs).contiguous(), dist.get_global_rank(pg, peer), pg))
     return buffers, (dist.batch_isend_irecv(ops) if ops else [])
 
 
 def assemble_halo(x: torch.Tensor, plan: HaloPlan, received: list[torch.Tensor], fill: float) -> torch.Tensor:
-    fill_row = x.new_full((x.shape[0], x.shape[1], 1, x.shape[3]), fill)
-    rows = torch.cat([x, *received, fill_row], ROW_DIM)
-    return rows.index_select(ROW_DIM, torch.tensor(plan.index, device=x.device))
+    pieces = []
+    for source, first, count in plan.segments:
+        if source == -2:
+            pieces.append(x.new_full((x.shape[0], x.shape[1], count, x.shape[3]), fill))
+        else:
+            pieces.append((x if source == -1 else received[source]).narrow(ROW_DIM, first, count))
+    return torch.cat(pieces, ROW_DIM)
 
 
 @torch.library.custom_op("districompile::fetch_rows", mutates_args=())

@@ -23,12 +23,24 @@ _SDPA = [
 ]
 
 
+def _argument(node, name: str, default=None):
+    """The value of the schema argument ``name`` of an ATen call, positional or keyword."""
+    for position, argument in enumerate(node.target._schema.arguments):
+        if argument.name == name:
+            if not argument.kwarg_only and position < len(node.args):
+                return node.args[position]
+            return node.kwargs.get(name, default)
+    return default
+
+
 @register(*_SDPA)
 def sdpa(ctx, node):
     q, k, v = node.args[:3]
     q_spec = ctx.spec(q)
     if not isinstance(q_spec, (Shard, Replicate)) or (isinstance(q_spec, Shard) and q_spec.dim != len(ctx.shape(q)) - 2):
         return None
+    if isinstance(q_spec, Shard) and _argument(node, "is_causal", False):
+        return None  # the causal mask ties each query to its global position, not its local one
     masks = [n for n in node.all_input_nodes if n not in (q, k, v)]
     if isinstance(q_spec, Shard) and any(isinstance(ctx.spec(m), Shard) or ctx.shape(m)[-2] > 1 for m in masks):
         return None  # a mask per query row would have to be split like the queries

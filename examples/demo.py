@@ -1,0 +1,170 @@
+"""Run a small SDXL-like diffusers UNet patch-parallel with the ``distri`` backend.
+
+Prints the exchange plan, the error against the single-device eager UNet, and the time per
+call of both. Runs on all GPUs with NCCL when CUDA is available, else on CPU processes with gloo:
+
+    python examples/demo.py                          # spawns its own ranks
+    torchrun --nproc-per-node 2 examples/demo.py     # or under torchrun
+"""
+
+import argparse
+import contextlib
+import os
+import socket
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from diffusers import UNet2DConditionModel
+
+import districompile
+
+TEXT_TOKENS, TEXT_DIM, TIME_EMBED_DIM = 77, 128, 32
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--world-size", type=int, help="ranks to spawn (default: all GPUs, or 2 on CPU)")
+    parser.add_argument("--height", type=int, default=64, help="latent height (default: 64)")
+    parser.add_argument("--width", type=int, default=64, help="latent width (default: 64)")
+    parser.add_argument(
+        "--lowering",
+        choices=("eager", "inductor"),
+        help="default: inductor on GPU, eager on CPU (compiles faster)",
+    )
+    parser.add_argument("--sync-mode", default="full_sync", help="default: full_sync (exact)")
+    parser.add_argument("--iters", type=int, default=5, help="timed calls (default: 5)")
+    args = parser.parse_args()
+    if args.lowering is None:
+        args.lowering = "inductor" if torch.cuda.is_available() else "eager"
+    return args
+
+
+def build_unet(height, width, device):
+    """An SDXL-shaped UNet (block types, text_time conditioning, linear projections), scaled down.
+
+    Seeded, so that every rank builds the same weights and inputs.
+    """
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=(height, width),
+        block_out_channels=(64, 128, 256),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 2),
+        attention_head_dim=(2, 4, 8),  # diffusers reads this as the number of heads
+        use_linear_projection=True,
+        cross_attention_dim=TEXT_DIM,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TIME_EMBED_DIM,
+        projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + TEXT_DIM,
+    )
+    unet = unet.eval().to(device)
+    pixel_h, pixel_w = 8 * height, 8 * width  # SDXL's time_ids: original size, crop corner, target size
+    time_ids = torch.tensor([[pixel_h, pixel_w, 0, 0, pixel_h, pixel_w]], dtype=torch.float32)
+    args = (
+        torch.randn(1, 4, height, width, device=device),
+        torch.tensor(500, device=device),
+        torch.randn(1, TEXT_TOKENS, TEXT_DIM, device=device),
+    )
+    kwargs = {
+        "added_cond_kwargs": {
+            "text_embeds": torch.randn(1, TEXT_DIM, device=device),
+            "time_ids": time_ids.to(device),
+        }
+    }
+    return unet, args, kwargs
+
+
+def seconds_per_call(call, device, iters):
+    """Mean time of ``iters`` calls; ``call`` must have run once already (compilation, lazy init)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        call()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / iters
+
+
+@contextlib.contextmanager
+def cpu_threads(count):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def run(args, rank, world_size, device):
+    unet, model_args, model_kwargs = build_unet(args.height, args.width, device)
+    options = {"sync_mode": args.sync_mode, "lowering": args.lowering}
+
+    eager_seconds = reference = None
+    if rank == 0:
+        districompile.explain(unet, *model_args, world_size=world_size, **model_kwargs, **options)
+        # The single-device baseline gets the whole machine while the other ranks wait.
+        with torch.no_grad(), cpu_threads(os.cpu_count()):
+            reference = unet(*model_args, **model_kwargs).sample
+            eager_seconds = seconds_per_call(lambda: unet(*model_args, **model_kwargs), device, args.iters)
+    dist.barrier()
+
+    compiled = torch.compile(unet, backend="distri", options=options)
+    with torch.no_grad():
+        if rank == 0:
+            print(f"compiling for {world_size} ranks ({args.lowering} lowering)...", flush=True)
+        output = compiled(*model_args, **model_kwargs).sample
+        distri_seconds = seconds_per_call(lambda: compiled(*model_args, **model_kwargs), device, args.iters)
+
+    if rank == 0:
+        error = ((output - reference).abs().max() / reference.abs().max()).item()
+        print(f"max relative error vs eager: {error:.2e}  (max |distri - eager| / max |eager|)")
+        print(f"{'eager, 1 device:':<20}{eager_seconds * 1e3:8.1f} ms/call")
+        print(f"{f'distri, {world_size} ranks:':<20}{distri_seconds * 1e3:8.1f} ms/call")
+
+
+def setup_rank(rank, world_size, init_method=None):
+    """Join the process group; returns this rank's device."""
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(max(1, os.cpu_count() // world_size))  # ranks share the cores
+        backend = "gloo"
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
+    return device
+
+
+def run_rank(rank, world_size, args, init_method=None):
+    device = setup_rank(rank, world_size, init_method)
+    try:
+        run(args, rank, world_size, device)
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def main():
+    args = parse_args()
+    if "RANK" in os.environ:  # under torchrun: this process is one rank; the environment sets the group
+        run_rank(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args)
+        return
+    world_size = args.world_size or (torch.cuda.device_count() if torch.cuda.is_available() else 2)
+    mp.spawn(run_rank, args=(world_size, args, f"tcp://127.0.0.1:{free_port()}"), nprocs=world_size)
+
+
+if __name__ == "__main__":
+    main()

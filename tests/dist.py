@@ -1,0 +1,108 @@
+"""Run a function on N local CPU ranks (gloo) and collect each rank's result in the parent."""
+
+import contextlib
+import datetime
+import os
+import socket
+import tempfile
+import time
+import traceback
+from multiprocessing.connection import wait
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def run_ranks(fn, world_size, *args, timeout=120.0):
+    """Call ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes; return results in rank order.
+
+    ``fn`` must be a module-level function and its result picklable. If a rank raises, this
+    raises ``RuntimeError`` carrying that rank's traceback; the other ranks are killed rather
+    than left blocked in a collective.
+    """
+    port = _free_port()
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as out_dir:
+        procs = [
+            ctx.Process(
+                target=_rank_main,
+                args=(fn, rank, world_size, port, out_dir, timeout, args),
+                daemon=True,
+            )
+            for rank in range(world_size)
+        ]
+        for proc in procs:
+            proc.start()
+        try:
+            _wait_all_or_first_failure(procs, timeout)
+        finally:
+            for proc in procs:
+                if proc.is_alive():
+                    proc.kill()
+                proc.join()
+        return _collect(procs, out_dir, timeout)
+
+
+def _rank_main(fn, rank, world_size, port, out_dir, timeout, args):
+    # Results go through files, not a queue: torch would pass tensors through shared memory
+    # that dies with this process, and a full pipe can deadlock against join().
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group(
+            "gloo",
+            rank=rank,
+            world_size=world_size,
+            init_method=f"tcp://127.0.0.1:{port}",
+            timeout=datetime.timedelta(seconds=timeout),
+        )
+        torch.save(fn(rank, world_size, *args), _result_path(out_dir, rank))
+    except BaseException:
+        # Only the first rank to fail reports: the others then fail on connections it drops. It
+        # reports before its process group goes down, so it is the first to get here.
+        with contextlib.suppress(FileExistsError), open(_failure_path(out_dir), "x") as f:
+            f.write(f"rank {rank} failed:\n{traceback.format_exc()}")
+        raise SystemExit(1) from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _wait_all_or_first_failure(procs, timeout):
+    deadline = time.monotonic() + timeout
+    running = {proc.sentinel: proc for proc in procs}
+    while running:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        for sentinel in wait(list(running), timeout=remaining):
+            if running.pop(sentinel).exitcode != 0:
+                return
+
+
+def _collect(procs, out_dir, timeout):
+    if os.path.exists(_failure_path(out_dir)):
+        with open(_failure_path(out_dir)) as f:
+            raise RuntimeError(f.read())
+    missing = [rank for rank in range(len(procs)) if not os.path.exists(_result_path(out_dir, rank))]
+    if missing:
+        # A rank that crashed or hung left no report; its exit code tells which (-9: killed here).
+        exit_codes = [proc.exitcode for proc in procs]
+        raise RuntimeError(
+            f"ranks {missing} produced no result; exit codes by rank {exit_codes}; timeout {timeout}s"
+        )
+    return [torch.load(_result_path(out_dir, rank), weights_only=False) for rank in range(len(procs))]
+
+
+def _result_path(out_dir, rank):
+    return os.path.join(out_dir, f"rank{rank}.pt")
+
+
+def _failure_path(out_dir):
+    return os.path.join(out_dir, "failure.txt")
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

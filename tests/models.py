@@ -1,0 +1,255 @@
+"""Tiny seeded UNets for tests: each factory returns ``(model, args, kwargs)``.
+
+Heights and widths are the model's input (latent) sizes. Weights and inputs come from a fixed
+seed, so every rank that calls a factory builds the same model and the same inputs.
+"""
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SEED = 0
+
+
+@contextlib.contextmanager
+def _seeded():
+    # Fork so that building a model leaves the caller's random stream untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        yield
+
+
+def as_tensor(output):
+    """The sample tensor of any factory model's output (diffusers returns a dataclass)."""
+    return output if isinstance(output, torch.Tensor) else output.sample
+
+
+# ----------------------------------------------------------------------------- diffusers
+# diffusers is imported inside the factories: importing it takes seconds, which every spawned
+# rank running only the hand-written models would otherwise pay.
+
+
+def tiny_sd15_unet(height=32, width=32, batch=1):
+    from diffusers import UNet2DConditionModel
+
+    with _seeded():
+        model = UNet2DConditionModel(
+            sample_size=(height, width),
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=8,
+        ).eval()
+        args = (
+            torch.randn(batch, 4, height, width),
+            torch.tensor(500),
+            torch.randn(batch, 7, 32),
+        )
+    return model, args, {}
+
+
+def tiny_sdxl_unet(height=32, width=32, batch=1):
+    from diffusers import UNet2DConditionModel
+
+    time_embed_dim, text_embed_dim = 8, 32
+    with _seeded():
+        model = UNet2DConditionModel(
+            sample_size=(height, width),
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(32, 64, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 1, 2),
+            attention_head_dim=(2, 4, 4),
+            use_linear_projection=True,
+            cross_attention_dim=32,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_embed_dim,
+            # Six time ids, each embedded to time_embed_dim, concatenated with the pooled text embedding.
+            projection_class_embeddings_input_dim=6 * time_embed_dim + text_embed_dim,
+            norm_num_groups=8,
+        ).eval()
+        args = (
+            torch.randn(batch, 4, height, width),
+            torch.tensor(500),
+            torch.randn(batch, 7, 32),
+        )
+        # SDXL's micro-conditioning in pixels: original size, crop top-left, target size.
+        pixel_h, pixel_w = 8 * height, 8 * width
+        time_ids = torch.tensor([[pixel_h, pixel_w, 0, 0, pixel_h, pixel_w]], dtype=torch.float32)
+        kwargs = {
+            "added_cond_kwargs": {
+                "text_embeds": torch.randn(batch, text_embed_dim),
+                "time_ids": time_ids.repeat(batch, 1),
+            }
+        }
+    return model, args, kwargs
+
+
+def tiny_unet2d(height=32, width=32, batch=1):
+    from diffusers import UNet2DModel
+
+    with _seeded():
+        model = UNet2DModel(
+            sample_size=(height, width),
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+            up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+            norm_num_groups=8,
+        ).eval()
+        args = (torch.randn(batch, 3, height, width), torch.tensor(500))
+    return model, args, {}
+
+
+# ----------------------------------------------------------------------------- hand-written
+
+
+class Float32GroupNorm(nn.GroupNorm):
+    """GroupNorm computed in float32 whatever the input dtype, as in the original SD code."""
+
+    def forward(self, x):
+        return super().forward(x.float()).to(x.dtype)
+
+
+class HandUNetA(nn.Module):
+    """UNet with a learned full-size positional map, einsum/bmm attention and bilinear upsampling.
+
+    Inputs: ``x`` (B, 4, height, width) and a context (B, T, context_dim) for cross-attention.
+    """
+
+    def __init__(self, height, width, channels=16, context_dim=16):
+        super().__init__()
+        c = channels
+        self.conv_in = nn.Conv2d(4, c, 5, padding=2)
+        self.pos = nn.Parameter(0.1 * torch.randn(1, c, height, width))
+        self.norm0 = Float32GroupNorm(4, c)
+        self.dilated = nn.Conv2d(c, c, 3, padding=2, dilation=2)
+        self.down = nn.Conv2d(c, 2 * c, 3, stride=2, padding=1)
+        self.norm1 = Float32GroupNorm(4, 2 * c)
+        self.reflect = nn.Conv2d(2 * c, 2 * c, 3, padding=1, padding_mode="reflect")
+        self.to_qkv = nn.Linear(2 * c, 3 * 2 * c)
+        self.to_q_cross = nn.Linear(2 * c, 2 * c)
+        self.to_kv_cross = nn.Linear(context_dim, 2 * 2 * c)
+        self.up = nn.Conv2d(2 * c, c, 3, padding=1)
+        self.conv_out = nn.Conv2d(2 * c, 4, 3, padding=1)
+
+    def forward(self, x, context):
+        h0 = self.conv_in(x) + self.pos
+        h0 = h0 + self.dilated(F.silu(self.norm0(h0)))
+
+        h = self.down(h0)
+        h = h + self.reflect(F.silu(self.norm1(h)))
+        b, c, height, width = h.shape
+        tokens = h.flatten(2).transpose(1, 2)  # (B, H*W, C)
+        tokens = tokens + self._self_attention(tokens)
+        tokens = tokens + self._cross_attention(tokens, context)
+        h = tokens.transpose(1, 2).reshape(b, c, height, width)
+
+        h = F.interpolate(h, scale_factor=2, mode="bilinear", align_corners=False)
+        h = F.silu(self.up(h))
+        return self.conv_out(torch.cat([h, h0], dim=1))
+
+    def _self_attention(self, tokens):
+        q, k, v = self.to_qkv(tokens).chunk(3, dim=-1)
+        scores = torch.einsum("bnc,bmc->bnm", q, k) / math.sqrt(q.shape[-1])
+        return torch.einsum("bnm,bmc->bnc", scores.softmax(dim=-1), v)
+
+    def _cross_attention(self, tokens, context):
+        q = self.to_q_cross(tokens)
+        k, v = self.to_kv_cross(context).chunk(2, dim=-1)
+        scores = torch.bmm(q, k.transpose(1, 2)) / math.sqrt(q.shape[-1])
+        return torch.bmm(scores.softmax(dim=-1), v)
+
+
+class HandUNetB(nn.Module):
+    """UNet with pooling downsamples, transposed-conv/nearest upsampling, SDPA attention,
+    a row-sinusoidal positional encoding and a global squeeze-excite gate.
+
+    Inputs: ``x`` (B, 3, H, W) and a timestep per sample (B,).
+    """
+
+    def __init__(self, channels=16, heads=2):
+        super().__init__()
+        c = channels
+        self.heads = heads
+        self.conv_in = nn.Conv2d(3, c, 3, padding=1, padding_mode="replicate")
+        self.time_mlp = nn.Sequential(nn.Linear(1, c), nn.SiLU(), nn.Linear(c, c))
+        self.down1 = nn.Conv2d(c, 2 * c, 3, padding=1)
+        self.down2 = nn.Conv2d(2 * c, 2 * c, 3, padding=1)
+        self.norm = nn.LayerNorm(2 * c)
+        self.to_qkv = nn.Linear(2 * c, 3 * 2 * c)
+        self.attn_out = nn.Linear(2 * c, 2 * c)
+        self.squeeze = nn.Conv2d(2 * c, c // 2, 1)
+        self.excite = nn.Conv2d(c // 2, 2 * c, 1)
+        self.up1 = nn.ConvTranspose2d(2 * c, 2 * c, 4, stride=2, padding=1)
+        self.merge1 = nn.Conv2d(4 * c, c, 3, padding=1)
+        self.merge0 = nn.Conv2d(2 * c, c, 3, padding=1)
+        self.conv_out = nn.Conv2d(c, 3, 3, padding=1)
+
+    def forward(self, x, timestep):
+        h0 = self.conv_in(x)
+        h0 = h0 + self.time_mlp(timestep[:, None] / 1000)[:, :, None, None]
+        h0 = h0 + _row_encoding(h0)
+
+        h1 = F.silu(self.down1(F.avg_pool2d(h0, 2)))
+        h = F.silu(self.down2(F.max_pool2d(h1, 2)))
+        h = h + self._attention(h)
+        gate = self.excite(F.silu(self.squeeze(h.mean(dim=(2, 3), keepdim=True)))).sigmoid()
+        h = h * gate
+
+        h = F.silu(self.merge1(torch.cat([self.up1(h), h1], dim=1)))
+        h = F.interpolate(h, size=h0.shape[-2:], mode="nearest")
+        h = F.silu(self.merge0(torch.cat([h, h0], dim=1)))
+        return self.conv_out(h)
+
+    def _attention(self, h):
+        b, c, height, width = h.shape
+        tokens = self.norm(h.flatten(2).transpose(1, 2))  # LayerNorm over channels
+        q, k, v = (
+            t.reshape(b, height * width, self.heads, c // self.heads).permute(0, 2, 1, 3)
+            for t in self.to_qkv(tokens).chunk(3, dim=-1)
+        )
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = self.attn_out(out.permute(0, 2, 1, 3).reshape(b, height * width, c))
+        return out.transpose(1, 2).reshape(b, c, height, width)
+
+
+def _row_encoding(x):
+    """Sinusoidal encoding of the absolute row index of ``x``, shaped (1, C, H, 1) to broadcast over W."""
+    channels, height = x.shape[1], x.shape[2]
+    rows = torch.arange(height, device=x.device, dtype=x.dtype)
+    channel_pairs = torch.arange(0, channels, 2, device=x.device, dtype=x.dtype)
+    freqs = torch.exp(-math.log(10000.0) * channel_pairs / channels)
+    angles = rows[:, None] * freqs[None, :]
+    encoding = torch.cat([angles.sin(), angles.cos()], dim=1)  # (H, C)
+    return encoding.t()[None, :, :, None]
+
+
+def hand_unet_a(height=32, width=24, batch=1):
+    with _seeded():
+        model = HandUNetA(height, width).eval()
+        args = (torch.randn(batch, 4, height, width), torch.randn(batch, 5, 16))
+    return model, args, {}
+
+
+def hand_unet_b(height=32, width=24, batch=1):
+    with _seeded():
+        model = HandUNetB().eval()
+        args = (torch.randn(batch, 3, height, width), torch.full((batch,), 500.0))
+    return model, args, {}
+
+
+FACTORIES = (tiny_sd15_unet, tiny_sdxl_unet, tiny_unet2d, hand_unet_a, hand_unet_b)
