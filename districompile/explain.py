@@ -24,6 +24,7 @@ class ExplainReport:
     exchanges: list[Exchange]
     fallbacks: list[Fallback]
     plan: Plan
+    example_inputs: list  # the graph's inputs (parameters included), for running plan programs
 
     @property
     def total_bytes(self) -> int:
@@ -80,7 +81,7 @@ def explain(model, *args, world_size: int, verbose: bool = True, **options) -> E
     gm, inputs = captured["gm"], captured["inputs"]
     model_plan = plan(gm, inputs, spatial_inputs(gm, inputs, config.spatial_inputs), world_size, config.exchanges)
     prop = model_plan.propagation
-    report = ExplainReport(world_size, model_plan.split.bounds, prop.exchanges, prop.fallbacks, model_plan)
+    report = ExplainReport(world_size, model_plan.split.bounds, prop.exchanges, prop.fallbacks, model_plan, inputs)
     if verbose:
         print(report)
     return report

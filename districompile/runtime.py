@@ -65,7 +65,9 @@ class DistriRuntime:
         self.dynamo_gm = dynamo_gm
         self.config = config
         self.spatial = spatial_inputs(dynamo_gm, example_inputs, config.spatial_inputs)
-        self.parameter_ids = {id(x) for x in example_inputs if isinstance(x, torch.nn.Parameter)}
+        # Dynamo reuses one graph for every instance of a model class (parameters are inputs),
+        # so trajectories are kept per model, told apart by the parameter tensors of each call.
+        self.parameter_positions = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)]
         self.timesteps = [
             i for i, x in enumerate(example_inputs)
             if isinstance(x, torch.Tensor) and x.numel() <= 2 and not isinstance(x, torch.nn.Parameter) and i not in self.spatial
@@ -107,9 +109,16 @@ class DistriRuntime:
         warmup_steps = max(self.config.warmup_steps, 1)
         return Trajectory(self._lower(warmup, args), self._lower(steady, args), state_id, warmup_steps)
 
-    def reset(self):
-        for trajectory in self.trajectories.values():
-            trajectory.restart()
+    def owner(self, args) -> int | None:
+        return id(args[self.parameter_positions[0]]) if self.parameter_positions else None
+
+    def owners(self) -> set:
+        return {key[0] for key in self.trajectories}
+
+    def reset(self, owners: set | None = None):
+        for (owner, _), trajectory in self.trajectories.items():
+            if owners is None or owner in owners:
+                trajectory.restart()
 
     def _timestep(self, args) -> float | None:
         if not self.timesteps:
@@ -117,7 +126,7 @@ class DistriRuntime:
         return max(float(args[i].max()) for i in self.timesteps)
 
     def __call__(self, *args):
-        key = _shape_key(args)
+        key = (self.owner(args), _shape_key(args))
         if key not in self.trajectories:
             self.trajectories[key] = self.compile(args)
         trajectory = self.trajectories[key]
@@ -132,7 +141,7 @@ class DistriRuntime:
 def runtimes(model) -> list[DistriRuntime]:
     """The runtimes of ``model``'s compiled graphs (one per graph Dynamo captured)."""
     ids = {id(p) for p in model.parameters()}
-    return [r for r in list(_LIVE) if r.parameter_ids & ids]
+    return [r for r in list(_LIVE) if r.owners() & ids]
 
 
 def reset(model) -> int:
@@ -140,7 +149,8 @@ def reset(model) -> int:
 
     Returns how many compiled graphs were reset.
     """
+    ids = {id(p) for p in model.parameters()}
     found = runtimes(model)
     for runtime in found:
-        runtime.reset()
+        runtime.reset(ids)
     return len(found)

@@ -84,8 +84,14 @@ class Emitter:
         return self.exchange("allreduce", districompile.all_reduce.default, x, op, self.group)
 
 
+# Gathered and fallback results are contiguous where the traced tensor may have been a
+# strided view, so views are re-emitted as reshapes (a view wherever strides allow).
+_VIEWS = {aten.view.default, aten._unsafe_view.default}
+
+
 def _default_emit(em: Emitter, node: fx.Node, args, kwargs) -> fx.Node:
-    return em.call(node.target, *args, **kwargs)
+    target = aten.reshape.default if node.target in _VIEWS else node.target
+    return em.call(target, *args, **kwargs)
 
 
 def partition(gm: fx.GraphModule, prop: Propagation, rank: int, world: int, group: str) -> fx.GraphModule:

@@ -33,6 +33,13 @@ def _argument(node, name: str, default=None):
     return default
 
 
+def _key_mask_spec(ctx, k_spec, mask):
+    """The sharding an attention mask (.., queries, keys) needs to line up with keys sharded as ``k_spec``."""
+    if isinstance(k_spec, Shard) and ctx.shape(mask)[-1] > 1:
+        return k_spec.with_dim(len(ctx.shape(mask)) - 1)
+    return Replicate()
+
+
 @register(*_SDPA)
 def sdpa(ctx, node):
     q, k, v = node.args[:3]
@@ -42,13 +49,15 @@ def sdpa(ctx, node):
     if isinstance(q_spec, Shard) and _argument(node, "is_causal", False):
         return None  # the causal mask ties each query to its global position, not its local one
     masks = [n for n in node.all_input_nodes if n not in (q, k, v)]
-    if isinstance(q_spec, Shard) and any(isinstance(ctx.spec(m), Shard) or ctx.shape(m)[-2] > 1 for m in masks):
+    if isinstance(q_spec, Shard) and any(len(ctx.shape(m)) > 1 and ctx.shape(m)[-2] > 1 for m in masks):
         return None  # a mask per query row would have to be split like the queries
     require = {q: q_spec}
     if ctx.exchange:
         require.update({k: Replicate(), v: Replicate()})
     else:  # naive patches attend within their own patch
         require.update({k: ctx.spec(k), v: ctx.spec(v)})
+    # A mask over the keys must cover the same keys as K: all of them, or (naive) the patch's.
+    require.update({m: _key_mask_spec(ctx, require[k], m) for m in masks})
     val = node.meta["val"]
     if isinstance(val, (list, tuple)):
         # Output 0 is laid out as the queries; the log-sum-exp (N, heads, L) too. The rest are scalars.

@@ -80,7 +80,7 @@ def _windowed(ctx, node, x, kernel, stride, pad, dilation, pad_mode, fill, run_l
         return None
     out_shape = ctx.shape(node) if not isinstance(node.meta["val"], (list, tuple)) else list(node.meta["val"][0].shape)
     if not ctx.exchange:  # naive patches: each rank pads its own patch as if it were the image
-        return _naive_window(node, spec, kernel, stride, pad, dilation)
+        return _naive_window(node, spec, out_shape[spec.dim], kernel, stride, pad, dilation)
     out_split, need_lo, need_hi = window_split(node, spec.split, out_shape[spec.dim], kernel, stride, pad, dilation)
     out = Shard(spec.dim, out_split)
     exchanges = halo_exchange(node, x, spec, need_lo, need_hi, pad_mode, ctx.itemsize(x), _row_elems(ctx.shape(x), spec))
@@ -93,11 +93,13 @@ def _windowed(ctx, node, x, kernel, stride, pad, dilation, pad_mode, fill, run_l
     return Decision(outs, emit=emit, exchanges=exchanges)
 
 
-def _naive_window(node, spec, kernel, stride, pad, dilation):
+def _naive_window(node, spec, out_extent, kernel, stride, pad, dilation):
     bounds = [0]
     for rank in range(spec.split.world):
         rows = (spec.split.rows(rank) + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
         bounds.append(bounds[-1] + rows)
+    if bounds[-1] != out_extent:  # the patches' outputs do not tile the image's output
+        return None
     _check_rows(node, bounds, f"a window of {kernel} rows with stride {stride}")
     out = Shard(spec.dim, RowSplit(tuple(bounds), spec.split.stride * stride))
     return Decision(out if not isinstance(node.meta["val"], (list, tuple)) else (out, None))
@@ -131,8 +133,15 @@ def _conv_transpose(ctx, node, spec: Shard, axis: int, kernel: int):
     x, weight, bias, stride, padding, dilation, transposed, output_padding, groups = node.args
     s, p, d = stride[axis], padding[axis], dilation[axis]
     out_extent = ctx.shape(node)[spec.dim]
-    if not ctx.exchange:
-        return None
+    if not ctx.exchange:  # naive patches: each rank transposes its own patch, padded as written
+        bounds = [0]
+        for rank in range(spec.split.world):
+            rows = (spec.split.rows(rank) - 1) * s - 2 * p + d * (kernel - 1) + output_padding[axis] + 1
+            bounds.append(bounds[-1] + rows)
+        if bounds[-1] != out_extent:
+            return None
+        _check_rows(node, bounds, f"a transposed convolution with stride {s}")
+        return Decision(Shard(spec.dim, RowSplit(tuple(bounds), spec.split.stride / s)))
     bounds = [0] + [min(s * spec.split.start(r), out_extent) for r in range(1, spec.split.world)] + [out_extent]
     _check_rows(node, bounds, f"a transposed convolution with stride {s}")
     need_lo, need_hi, first = [], [], []
@@ -223,6 +232,11 @@ def pad(ctx, node):
         return Decision(spec) if isinstance(spec, Shard) and spec.outer == 1 and spec.inner == 1 else None
     top, bottom = pads[2 * pair], pads[2 * pair + 1]
     split = spec.split
+    if not ctx.exchange:  # naive patches: every patch is padded as if it were the image
+        bounds = [0]
+        for rank in range(split.world):
+            bounds.append(bounds[-1] + split.rows(rank) + top + bottom)
+        return Decision(Shard(spec.dim, RowSplit(tuple(bounds), split.stride)))
     pad_mode = _PAD_MODES[node.target.overloadpacket]
     bounds = [0] + [b + top for b in split.bounds[1:-1]] + [split.extent + top + bottom]
     out = Shard(spec.dim, RowSplit(tuple(bounds), split.stride))

@@ -23,14 +23,15 @@ def group_norm(ctx, node):
     if not ctx.exchange:  # separate statistics per patch
         return Decision(out, emit=lambda em, node, args, kw: em.call(
             node.target, *args[:5], math.prod(em.local_shape(x)[2:]), *args[6:]))
-    stats_bytes = ctx.world * n * groups * 3 * 4
+    # One rank's statistics: (count, mean, M2) per sample and group in fp32; every rank receives the others'.
+    stats_bytes = n * groups * 3 * 4
 
     def emit(em, node, args, kwargs):
         stats = em.call(local_ops.local_group_stats, args[0], groups)
         every = em.all_gather_stack(stats)
         return em.call(local_ops.group_norm_from_stats, args[0], every, args[1], args[2], groups, eps)
 
-    exchange = Exchange(node.name, "stats_allgather", f"{n}x{groups} groups", stats_bytes * ctx.world)
+    exchange = Exchange(node.name, "stats_allgather", f"{n}x{groups} groups", stats_bytes * ctx.world * (ctx.world - 1))
     return Decision(out, emit=emit, exchanges=[exchange])
 
 

@@ -60,7 +60,8 @@ def view(ctx, node):
         return None
 
     def emit(em, node, args, kwargs):
-        return em.call(node.target, args[0], out.local_shape(out_shape, em.rank))
+        # reshape, not view: a gathered or fallback input may have other strides than traced
+        return em.call(aten.reshape.default, args[0], out.local_shape(out_shape, em.rank))
 
     return Decision(out, emit=emit)
 

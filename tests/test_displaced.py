@@ -1,0 +1,177 @@
+"""Displaced patch parallelism on 2 CPU ranks: warm-up exactness, stale steady phases, reset, graphs.
+
+A trajectory is a short denoising loop ``x <- x - 0.1 * eps(x, t)`` over falling timesteps on
+the tiny SD-1.5-like UNet. Compiling the UNet costs seconds, so ONE spawn compiles each
+configuration once, runs every trajectory the tests need and returns the outputs and a summary
+of the programs; the tests check them.
+"""
+
+import math
+
+import pytest
+import torch
+from dist import run_ranks
+from models import as_tensor, tiny_sd15_unet
+
+import districompile
+
+TOLERANCE = 1e-4
+WORLD = 2
+TIMESTEPS = (900, 750, 600, 450, 300, 150)
+LATER = (150, 125, 100, 75, 50, 25)  # starts where TIMESTEPS ends: no automatic restart between them
+WARMUP = 4  # the default warmup_steps
+SYNC_MODES = ("corrected_async_gn", "stale_gn", "separate_gn", "no_sync", "full_sync")
+DISPLACED_KINDS = {"halo", "kv_gather", "stats", "allreduce"}  # and output_gather in no_sync
+
+
+def trajectory(model, x, context, timesteps):
+    for t in timesteps:
+        x = x - 0.1 * as_tensor(model(x, torch.tensor(t), context))
+    return x
+
+
+def exchanges(program) -> list[tuple]:
+    """``(kind, op, site, stale)`` of each exchange node of a program, in program order."""
+    rows = []
+    for node in program.graph.nodes:
+        if "exchange" in node.meta:
+            named = dict(zip((a.name for a in node.target._schema.arguments), node.args))
+            rows.append((node.meta["exchange"], str(node.target), named.get("site"), named.get("stale")))
+    return rows
+
+
+def program_summary(model) -> dict:
+    (runtime,) = districompile.runtimes(model)  # the UNet is one Dynamo graph
+    (phases,) = runtime.trajectories.values()  # one input shape
+    return {
+        "compilations": runtime.compilations,
+        "warmup": exchanges(phases.warmup),
+        "steady": None if phases.steady is None else exchanges(phases.steady),
+    }
+
+
+def _run(rank, world_size):
+    """Every trajectory of the tests, on each rank: ``{name: final latent}`` and program summaries."""
+    eager, (x_a, _, context), _ = tiny_sd15_unet()
+    x_b = torch.randn(x_a.shape, generator=torch.Generator().manual_seed(1))
+
+    models = []  # kept alive: runtimes() matches parameters by id, and a dead model's ids get reused
+
+    def compile_fresh(**options):
+        # A model per configuration: runtimes(model) then finds that configuration's runtime only.
+        torch._dynamo.reset()  # clear of Dynamo's recompile limit (the same forward each time)
+        model, _, _ = tiny_sd15_unet()
+        models.append(model)
+        return model, torch.compile(model, backend="distri", options={"lowering": "eager", **options})
+
+    out, programs = {}, {}
+    with torch.no_grad():
+        out["exact_warmup"] = trajectory(eager, x_a, context, TIMESTEPS[:WARMUP])
+        out["exact"] = trajectory(eager, out["exact_warmup"], context, TIMESTEPS[WARMUP:])
+
+        model, unet = compile_fresh()  # corrected_async_gn, warmup_steps=4
+        out["b_alone"] = trajectory(unet, x_b, context, LATER)
+        out["corrected_async_gn"] = trajectory(unet, x_a, context, TIMESTEPS)  # timestep went up: restart
+        districompile.reset(model)
+        out["b_after_reset"] = trajectory(unet, x_b, context, LATER)
+        out["b_after_restart"] = trajectory(unet, x_b, context, LATER)  # 150 > 25: automatic restart
+        trajectory(unet, x_a, context, TIMESTEPS)  # restart; then B straight after, with no reset:
+        out["b_leaked"] = trajectory(unet, x_b, context, LATER)  # B's first calls use A's stale values
+        districompile.reset(model)
+        out["warmup_only"] = trajectory(unet, x_a, context, TIMESTEPS[:WARMUP])
+        programs["corrected_async_gn"] = program_summary(model)
+
+        model, unet = compile_fresh(sync_mode="full_sync")
+        out["full_sync_warmup"] = trajectory(unet, x_a, context, TIMESTEPS[:WARMUP])
+        out["full_sync"] = trajectory(unet, out["full_sync_warmup"], context, TIMESTEPS[WARMUP:])
+        programs["full_sync"] = program_summary(model)
+
+        # The seam baseline over the steps that the default mode runs displaced, from the same
+        # (exact) latent: both then differ from single-device only in how the seams are handled.
+        model, unet = compile_fresh(parallelism="naive_patch")
+        out["naive_patch_steady"] = trajectory(unet, out["exact_warmup"], context, TIMESTEPS[WARMUP:])
+
+        for mode in ("stale_gn", "separate_gn", "no_sync"):
+            model, unet = compile_fresh(sync_mode=mode, warmup_steps=1)
+            out[mode] = trajectory(unet, x_a, context, TIMESTEPS)
+            programs[mode] = program_summary(model)
+    return out, programs
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    """Per rank: ``(outputs, programs)``."""
+    return run_ranks(_run, WORLD, timeout=300.0)
+
+
+def relative_error(out, ref) -> float:
+    return ((out - ref).abs().max() / ref.abs().max()).item()
+
+
+def psnr(out, ref) -> float:
+    mse = (out - ref).pow(2).mean().item()
+    return math.inf if mse == 0 else 10 * math.log10((ref.max() - ref.min()).item() ** 2 / mse)
+
+
+def test_warmup_only_trajectory_is_exact(ranks):
+    for rank, (out, _) in enumerate(ranks):
+        assert relative_error(out["full_sync"], out["exact"]) < TOLERANCE, f"rank {rank}"
+        assert relative_error(out["warmup_only"], out["exact_warmup"]) < TOLERANCE, f"rank {rank}"
+        assert relative_error(out["warmup_only"], out["full_sync_warmup"]) < TOLERANCE, f"rank {rank}"
+
+
+def test_steady_phase_uses_stale_values_and_beats_naive_patch(ranks):
+    for rank, (out, _) in enumerate(ranks):
+        displaced, exact = out["corrected_async_gn"], out["exact"]
+        assert relative_error(displaced, exact) > 1e-6, f"rank {rank}: steady phase ran exact"
+        naive = out["naive_patch_steady"]
+        assert psnr(displaced, exact) > psnr(naive, exact), (
+            f"rank {rank}: PSNR {psnr(displaced, exact):.1f} dB displaced, {psnr(naive, exact):.1f} dB naive_patch"
+        )
+
+
+@pytest.mark.parametrize("mode", SYNC_MODES)
+def test_sync_mode_runs(ranks, mode):
+    for rank, (out, _) in enumerate(ranks):
+        assert out[mode].shape == out["exact"].shape
+        assert torch.isfinite(out[mode]).all(), f"rank {rank}"
+
+
+def test_reset_prevents_leaks(ranks):
+    for rank, (out, _) in enumerate(ranks):
+        torch.testing.assert_close(out["b_after_reset"], out["b_alone"], rtol=0, atol=0, msg=f"rank {rank}: reset")
+        torch.testing.assert_close(out["b_after_restart"], out["b_alone"], rtol=0, atol=0, msg=f"rank {rank}: restart")
+        # Without either, the previous trajectory's values leak in: the checks above can fail.
+        assert relative_error(out["b_leaked"], out["b_alone"]) > 1e-6, f"rank {rank}"
+
+
+@pytest.mark.parametrize("mode", ("corrected_async_gn", "stale_gn", "separate_gn", "no_sync"))
+def test_displaced_programs(ranks, mode):
+    summaries = [programs[mode] for _, programs in ranks]
+    assert all(summary == summaries[0] for summary in summaries), "the ranks' programs differ"
+    summary = summaries[0]
+    kinds = {kind for kind, *_ in summary["steady"]}
+    assert {"halo", "kv_gather", "stats", "output_gather"} <= kinds
+
+    for phase, stale in (("warmup", False), ("steady", True)):
+        displaced = []
+        for kind, op, site, stale_arg in summary[phase]:
+            if kind in DISPLACED_KINDS or (kind == "output_gather" and mode == "no_sync"):
+                assert op.endswith("_displaced.default"), (phase, kind, op)
+                assert stale_arg is stale, (phase, kind, site)
+                displaced.append(site)
+            else:  # the output gather and fallback gathers stay synchronous
+                assert not op.endswith("_displaced.default"), (phase, kind, op)
+        assert displaced == list(range(len(displaced))), f"{phase} sites out of order"
+    # Both phases share the sites, hence the buffers: each site is the same exchange in both.
+    warmup, steady = ([(kind, site) for kind, _, site, _ in summary[phase]] for phase in ("warmup", "steady"))
+    assert warmup == steady
+
+
+def test_one_compilation_per_phase(ranks):
+    for _, programs in ranks:
+        # Two phases compiled once each, however many steps and trajectories ran.
+        assert programs["corrected_async_gn"]["compilations"] == 2
+        full_sync = programs["full_sync"]
+        assert full_sync["compilations"] == 1 and full_sync["steady"] is None
+        assert not any(op.endswith("_displaced.default") for _, op, *_ in full_sync["warmup"])
