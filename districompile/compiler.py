@@ -32,7 +32,10 @@ class Plan:
         return partition(self.aten_gm, self.propagation, rank, self.world, group)
 
 
-def plan(dynamo_gm: fx.GraphModule, inputs: list, spatial: list[int], world: int, exchanges: bool = True) -> Plan:
+def plan(
+    dynamo_gm: fx.GraphModule, inputs: list, spatial: list[int], world: int, exchanges: bool = True,
+    single_rank_exchanges: bool = False,
+) -> Plan:
     if not spatial:
         raise DistriCompileError(
             "districompile found no spatial input (a 4-d floating tensor that is not a parameter); "
@@ -40,7 +43,8 @@ def plan(dynamo_gm: fx.GraphModule, inputs: list, spatial: list[int], world: int
         )
     aten_gm = capture(dynamo_gm, inputs)
     input_specs, split = split_rows(aten_gm, spatial, world)
-    propagation = propagate(aten_gm, input_specs, world, exchanges)
+    # One rank holds the whole image: every op runs as written, with nothing to exchange.
+    propagation = propagate(aten_gm, input_specs, world, exchanges and (world > 1 or single_rank_exchanges))
     for fallback in propagation.fallbacks:
         log.warning("districompile: %s (%s) gathers its sharded inputs: %s", fallback.node, fallback.op, fallback.reason)
     return Plan(aten_gm, propagation, split, world)

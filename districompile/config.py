@@ -21,6 +21,8 @@ class DistriConfig:
     cuda_graphs: bool | None = None  # None: on for CUDA inputs
     group: object = None  # a ProcessGroup; None: the default (WORLD) group
     spatial_inputs: tuple[str, ...] | None = None  # input names to split; None: 4-d float inputs
+    # Keep the exchange ops on a single rank (1-rank collectives): to test or time them on one device.
+    single_rank_exchanges: bool = False
 
     def __post_init__(self):
         for name, allowed in (("sync_mode", SYNC_MODES), ("parallelism", PARALLELISMS), ("lowering", LOWERINGS)):

@@ -1,10 +1,16 @@
 """Displaced exchanges: use the neighbours' values from the previous call, send this call's for the next.
 
-Each exchange site of a compiled program owns a persistent buffer in an ``ExchangeState``.
-In the warm-up phase the ``*_displaced`` ops exchange synchronously and record what arrived;
-in the steady phase they wait for the exchange started by the previous call (long finished,
-behind that call's compute), build their result from those stale values and this rank's fresh
-ones, and start this call's exchange into the same buffers.
+Each exchange site of a compiled program owns persistent buffers in an ``ExchangeState``.
+In the warm-up phase the ``*_displaced`` ops exchange synchronously into those buffers; in the
+steady phase they build their result from the buffers (the previous call's values) and this
+rank's fresh ones, then start this call's exchange into the same buffers, behind the rest of
+the call's compute. ``join_exchanges``, the steady program's last op, waits for them.
+
+Buffers are allocated once (the first warm-up call) and then only written in place, and no
+exchange is left in flight between calls, so a phase can be captured as a CUDA graph: a
+replay reads and writes the same buffers, and the collectives and their joins are inside it.
+Reading a buffer is ordered before the collective that overwrites it: the read is queued
+first on the compute stream, and a collective starts after the work queued before it.
 """
 
 from __future__ import annotations
@@ -39,11 +45,10 @@ class ExchangeState:
     def site(self, number: int) -> Site:
         return self.sites.setdefault(number, Site())
 
-    def drain(self):
-        """Finish the exchanges in flight (before a reset drops the buffers)."""
+    def join(self):
+        """Wait for every exchange in flight (on CUDA: the current stream waits for them)."""
         for site in self.sites.values():
             site.wait()
-        self.sites.clear()
 
 
 _STATES: dict[int, ExchangeState] = {}
@@ -62,10 +67,8 @@ def state(number: int) -> ExchangeState:
 
 def _site(state_id: int, site: int, stale: bool) -> Site:
     entry = _STATES[state_id].site(site)
-    if stale:
-        if entry.buffers is None:
-            raise RuntimeError("districompile: a steady-phase call ran before any warm-up call filled its buffers")
-        entry.wait()
+    if stale and entry.buffers is None:
+        raise RuntimeError("districompile: a steady-phase call ran before any warm-up call filled its buffers")
     return entry
 
 
@@ -79,13 +82,12 @@ def fetch_rows_displaced(
     pg = _resolve_process_group(group)
     entry = _site(state_id, site, stale)
     if not stale:
-        received, works = post_halo(x, plan, pg)
+        entry.buffers, works = post_halo(x, plan, pg, into=entry.buffers)
         for work in works:
             work.wait()
-        entry.buffers = received
-        return assemble_halo(x, plan, received, fill)
+        return assemble_halo(x, plan, entry.buffers, fill)
     out = assemble_halo(x, plan, entry.buffers, fill)
-    entry.buffers, entry.works = post_halo(x, plan, pg, into=entry.buffers)
+    _, entry.works = post_halo(x, plan, pg, into=entry.buffers)
     return out
 
 
@@ -102,14 +104,13 @@ def gather_rows_displaced(
     pg = _resolve_process_group(group)
     entry = _site(state_id, site, stale)
     if not stale:
-        blocks, work = post_row_gather(x, bounds, pg)
+        entry.buffers, work = post_row_gather(x, bounds, pg, into=entry.buffers)
         work.wait()
-        entry.buffers = blocks
-        return join_rows(blocks, bounds)
+        return join_rows(entry.buffers, bounds)
     blocks = list(entry.buffers)
     blocks[rank] = torch.nn.functional.pad(x, (0, 0, 0, blocks[rank].shape[2] - x.shape[2]))
     out = join_rows(blocks, bounds)
-    entry.buffers, work = post_row_gather(x, bounds, pg, into=entry.buffers)
+    _, work = post_row_gather(x, bounds, pg, into=entry.buffers)
     entry.works = [work]
     return out
 
@@ -133,10 +134,10 @@ def all_gather_stack_displaced(
     pg = _resolve_process_group(group)
     entry = _site(state_id, site, stale)
     if not stale:
-        blocks = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(blocks, x.contiguous(), group=pg)
-        entry.buffers = blocks
-        return torch.stack(blocks)
+        if entry.buffers is None:
+            entry.buffers = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(entry.buffers, x.contiguous(), group=pg)
+        return torch.stack(entry.buffers)
     if mode == SEPARATE:
         return torch.stack([x if r == rank else torch.zeros_like(x) for r in range(world)])
     blocks = list(entry.buffers)
@@ -160,24 +161,42 @@ def all_reduce_displaced(
     fresh part of a sum."""
     pg = _resolve_process_group(group)
     entry = _site(state_id, site, stale)
+    if entry.buffers is None:
+        entry.buffers = (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(x))
+    total, own = entry.buffers  # the reduction and this rank's part of it
     if not stale:
-        total = x.contiguous().clone()
+        total.copy_(x)
         dist.all_reduce(total, op=_REDUCE_OPS[op], group=pg)
-        entry.buffers = (total, x.clone())
-        return total
-    total, own = entry.buffers
+        own.copy_(x)
+        return total.clone()
     if mode == CORRECTED and op == "sum":
         out = total - own + x
     elif mode == CORRECTED:
         out = torch.maximum(total, x) if op == "max" else torch.minimum(total, x)
     else:
         out = total.clone()
-    fresh = x.contiguous().clone()
-    entry.buffers = (fresh, x.clone())
-    entry.works = [dist.all_reduce(fresh, op=_REDUCE_OPS[op], group=pg, async_op=True)]
+    total.copy_(x)
+    own.copy_(x)
+    entry.works = [dist.all_reduce(total, op=_REDUCE_OPS[op], group=pg, async_op=True)]
     return out
 
 
 @all_reduce_displaced.register_fake
 def _(x, op, group, state_id, site, stale, mode):
     return torch.empty_like(x)
+
+
+@torch.library.custom_op("districompile::join_exchanges", mutates_args=())
+def join_exchanges(outputs: list[torch.Tensor], state_id: int) -> list[torch.Tensor]:
+    """The program's outputs, once every exchange this call started has finished.
+
+    Taking the outputs orders it after every exchange op (each one feeds an output, or dead
+    code elimination would have removed it); returning copies keeps it a functional op.
+    """
+    _STATES[state_id].join()
+    return [x.clone() for x in outputs]
+
+
+@join_exchanges.register_fake
+def _(outputs, state_id):
+    return [torch.empty_like(x) for x in outputs]

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .batch_split import plan_batch_split
 from .compiler import Plan, plan
 from .config import DistriConfig
 from .passes.annotate import spatial_inputs
@@ -25,6 +26,8 @@ class ExplainReport:
     fallbacks: list[Fallback]
     plan: Plan
     example_inputs: list  # the graph's inputs (parameters included), for running plan programs
+    # The batch split applies: the plan (world_size ranks, inputs) is one half's, the other half runs the same.
+    batch_split: bool = False
 
     @property
     def total_bytes(self) -> int:
@@ -37,7 +40,8 @@ class ExplainReport:
         rows = [("node", "kind", "detail", "bytes/call")]
         rows += [(e.node, e.kind, e.detail, f"{e.bytes_per_call:,}") for e in self.exchanges if e.kind != "slice"]
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        lines = [f"districompile plan: {self.world_size} ranks, rows per rank split at {list(self.row_bounds)}"]
+        ranks = f"each half of the batch on {self.world_size} ranks (batch split)" if self.batch_split else f"{self.world_size} ranks"
+        lines = [f"districompile plan: {ranks}, rows per rank split at {list(self.row_bounds)}"]
         for i, row in enumerate(rows):
             lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
             if i == 0:
@@ -57,7 +61,9 @@ def explain(model, *args, world_size: int, verbose: bool = True, **options) -> E
     """Plan ``model(*args, **kwargs)`` for ``world_size`` ranks and print the exchange table.
 
     Keyword arguments that are backend options (``sync_mode``...) configure the plan; the rest
-    are passed to the model. Nothing is computed: shapes are traced with fake tensors.
+    are passed to the model. Nothing is computed: shapes are traced with fake tensors. Where
+    the batch split applies (``report.batch_split``), the plan is one half's: half the batch on
+    half the ranks.
     """
     option_names = set(DistriConfig.__dataclass_fields__)
     config = DistriConfig.from_options({k: v for k, v in options.items() if k in option_names})
@@ -79,9 +85,15 @@ def explain(model, *args, world_size: int, verbose: bool = True, **options) -> E
     except _Captured:
         pass
     gm, inputs = captured["gm"], captured["inputs"]
-    model_plan = plan(gm, inputs, spatial_inputs(gm, inputs, config.spatial_inputs), world_size, config.exchanges)
+    spatial = spatial_inputs(gm, inputs, config.spatial_inputs)
+    batch_plan = plan_batch_split(gm, inputs, spatial, world_size, config)
+    if batch_plan is not None:  # plan what one half of the ranks runs
+        gm, inputs, world_size = batch_plan.program(0), batch_plan.half_inputs(inputs, 0), world_size // 2
+    model_plan = plan(gm, inputs, spatial, world_size, config.exchanges)
     prop = model_plan.propagation
-    report = ExplainReport(world_size, model_plan.split.bounds, prop.exchanges, prop.fallbacks, model_plan, inputs)
+    report = ExplainReport(
+        world_size, model_plan.split.bounds, prop.exchanges, prop.fallbacks, model_plan, inputs, batch_plan is not None
+    )
     if verbose:
         print(report)
     return report

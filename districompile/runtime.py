@@ -10,7 +10,9 @@ import torch.distributed as dist
 import torch.fx as fx
 
 from . import displaced
+from .backends.cudagraphs import PhaseGraph
 from .backends.lowering import lower
+from .batch_split import BatchSplit, batch_split
 from .compiler import plan
 from .config import DistriConfig
 from .errors import DistriCompileError
@@ -24,18 +26,19 @@ graph_log = torch._logging.getArtifactLogger(__name__, "distri_graph")
 _LIVE: "weakref.WeakSet[DistriRuntime]" = weakref.WeakSet()
 
 
-def _shape_key(args) -> tuple:
+def _shape_key(args, positions) -> tuple:
     return tuple(
-        (tuple(a.shape), a.dtype, a.device.type) if isinstance(a, torch.Tensor) else a for a in args
+        (tuple(a.shape), a.dtype, a.device.type) if isinstance(a, torch.Tensor) else a for a in map(args.__getitem__, positions)
     )
 
 
 class Trajectory:
     """The compiled phases of one input shape and where the current trajectory stands."""
 
-    def __init__(self, warmup, steady, state_id: int | None, warmup_steps: int):
+    def __init__(self, warmup, steady, state_id: int | None, warmup_steps: int, batch_split: BatchSplit | None = None):
         self.warmup, self.steady, self.state_id = warmup, steady, state_id
         self.warmup_steps = warmup_steps
+        self.batch_split = batch_split  # None: the phases run the whole batch over the whole group
         self.calls = 0
         self.last_timestep: float | None = None
 
@@ -43,7 +46,7 @@ class Trajectory:
         self.calls = 0
         self.last_timestep = None
         if self.state_id is not None:
-            displaced.state(self.state_id).drain()
+            displaced.state(self.state_id).join()
 
     def program(self):
         """The warm-up program for the first calls of a trajectory, the steady one after."""
@@ -68,6 +71,9 @@ class DistriRuntime:
         # Dynamo reuses one graph for every instance of a model class (parameters are inputs),
         # so trajectories are kept per model, told apart by the parameter tensors of each call.
         self.parameter_positions = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)]
+        # Parameter shapes are fixed by the graph: a per-call key over the other inputs is enough
+        # (and keeps the per-call cost off the thousands of parameters of a large UNet).
+        self.data_positions = [i for i, x in enumerate(example_inputs) if not isinstance(x, torch.nn.Parameter)]
         self.timesteps = [
             i for i, x in enumerate(example_inputs)
             if isinstance(x, torch.Tensor) and x.numel() <= 2 and not isinstance(x, torch.nn.Parameter) and i not in self.spatial
@@ -88,26 +94,43 @@ class DistriRuntime:
             )
         return self.config.group or dist.group.WORLD
 
-    def _lower(self, program, args):
+    def _lower(self, program, args, phase: str, pool=None):
         self.compilations += 1
-        return lower(program, list(args), self.config)
+        return lower(program, list(args), self.config, phase, pool)
 
     def compile(self, args) -> Trajectory:
-        group = self.group()
+        group, graph = self.group(), self.dynamo_gm
+        split = batch_split(self.dynamo_gm, args, self.spatial, self.config, group)
+        if split is not None:  # the phases run this rank's half of the batch over its half of the ranks
+            group, graph, args = split.patch_group, split.program, split.slice_inputs(args)
         rank, world = dist.get_rank(group), dist.get_world_size(group)
-        model_plan = plan(self.dynamo_gm, list(args), self.spatial, world, self.config.exchanges)
+        model_plan = plan(graph, list(args), self.spatial, world, self.config.exchanges, self.config.single_rank_exchanges)
         program = model_plan.program(rank, group.group_name)
         log.info("districompile: rows split %s over %d ranks", list(model_plan.split.bounds), world)
         if not self.displaced:
             graph_log.debug("districompile rank %d/%d program:\n%s", rank, world, program.print_readable(print_output=False))
-            return Trajectory(self._lower(program, args), None, None, 0)
+            return Trajectory(self._lower(program, args, "synchronous"), None, None, 0, split)
         state_id = displaced.new_state()
         warmup = displace(program, self.config.sync_mode, state_id, stale=False, rank=rank)
         steady = displace(program, self.config.sync_mode, state_id, stale=True, rank=rank)
         graph_log.debug("districompile rank %d/%d steady program:\n%s", rank, world, steady.print_readable(print_output=False))
         # Stale values need one synchronous call to exist.
         warmup_steps = max(self.config.warmup_steps, 1)
-        return Trajectory(self._lower(warmup, args), self._lower(steady, args), state_id, warmup_steps)
+        # The phases share one CUDA graph memory pool: they never run at once.
+        pool = torch.cuda.graph_pool_handle() if any(isinstance(a, torch.Tensor) and a.is_cuda for a in args) else None
+        return Trajectory(
+            self._lower(warmup, args, "warm-up", pool), self._lower(steady, args, "steady", pool), state_id, warmup_steps,
+            split,
+        )
+
+    def graph_counts(self) -> dict[str, int]:
+        """CUDA graph captures and replays, and calls run without a graph, over all phases."""
+        phases = [p for t in self.trajectories.values() for p in (t.warmup, t.steady) if isinstance(p, PhaseGraph)]
+        return {
+            "captures": sum(p.captures for p in phases),
+            "replays": sum(p.replays for p in phases),
+            "eager_calls": sum(p.eager_calls for p in phases),
+        }
 
     def owner(self, args) -> int | None:
         return id(args[self.parameter_positions[0]]) if self.parameter_positions else None
@@ -126,7 +149,7 @@ class DistriRuntime:
         return max(float(args[i].max()) for i in self.timesteps)
 
     def __call__(self, *args):
-        key = (self.owner(args), _shape_key(args))
+        key = (self.owner(args), _shape_key(args, self.data_positions))
         if key not in self.trajectories:
             self.trajectories[key] = self.compile(args)
         trajectory = self.trajectories[key]
@@ -135,7 +158,10 @@ class DistriRuntime:
             if timestep is not None and trajectory.last_timestep is not None and timestep > trajectory.last_timestep:
                 trajectory.restart()
             trajectory.last_timestep = timestep
-        return trajectory.program()(*args)
+        split = trajectory.batch_split
+        if split is None:
+            return trajectory.program()(*args)
+        return split.gather_outputs(trajectory.program()(*split.slice_inputs(args)))
 
 
 def runtimes(model) -> list[DistriRuntime]:

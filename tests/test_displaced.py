@@ -152,6 +152,10 @@ def test_displaced_programs(ranks, mode):
     summary = summaries[0]
     kinds = {kind for kind, *_ in summary["steady"]}
     assert {"halo", "kv_gather", "stats", "output_gather"} <= kinds
+    # The steady program joins its exchanges once, last, so nothing is in flight between calls.
+    assert [row[0] for row in summary["steady"]].count("join") == 1 and summary["steady"][-1][0] == "join"
+    assert "join" not in {kind for kind, *_ in summary["warmup"]}
+    summary = {**summary, "steady": summary["steady"][:-1]}
 
     for phase, stale in (("warmup", False), ("steady", True)):
         displaced = []

@@ -19,7 +19,9 @@ def compare_models(rank, world, height, batch, lowering, factories):
         model, args, kwargs = factory(height=height, batch=batch)
         with torch.no_grad():
             ref = as_tensor(model(*args, **kwargs))
-            compiled = torch.compile(model, backend="distri", options={"sync_mode": "full_sync", "lowering": lowering})
+            # Unsplit: every rank shares the image (tests/test_batch_split.py covers split_batch).
+            options = {"sync_mode": "full_sync", "lowering": lowering, "split_batch": False}
+            compiled = torch.compile(model, backend="distri", options=options)
             errors[factory.__name__] = relative_error(as_tensor(compiled(*args, **kwargs)), ref)
     return errors
 

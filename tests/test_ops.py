@@ -16,7 +16,9 @@ from dist import run_ranks
 from torch import nn
 
 TOLERANCE = 1e-4
-OPTIONS = {"sync_mode": "full_sync", "lowering": "eager"}
+# Batches of 2 at even worlds would be split between two halves of the ranks (split_batch):
+# these tests are about the exchanges of one image across all of them.
+OPTIONS = {"sync_mode": "full_sync", "lowering": "eager", "split_batch": False}
 
 # Input shape per world size: (batch, height, width), non-square. The heights split unevenly:
 # 18 rows at world 2 are 10 + 8 in blocks of 2 (for a stride-2 case), 20 rows at world 3 are
@@ -401,7 +403,7 @@ def _compare(name, world_size, parallelism):
             if parallelism == "patch":
                 ref = model(*inputs)
             else:
-                bounds = districompile.explain(model, *inputs, world_size=world_size, verbose=False).row_bounds
+                bounds = districompile.explain(model, *inputs, world_size=world_size, verbose=False, split_batch=False).row_bounds
                 ref = naive_patch_reference(model, inputs[0], bounds)
                 torch._dynamo.reset()
             options = {**OPTIONS, "parallelism": parallelism}

@@ -64,12 +64,15 @@ def _run(rank, world_size):
     districompile.parallelize(pipe, sync_mode="full_sync", lowering="eager")
     pipe.set_progress_bar_config(disable=True)
     exact = generate(pipe, embeds)
+    # Guidance's batch of 2 is split (split_batch, the default): each rank denoises one half.
+    splits = [t.batch_split is not None for r in districompile.runtimes(pipe.unet) for t in r.trajectories.values()]
 
     pipe, embeds = tiny_pipeline()
-    districompile.parallelize(pipe, warmup_steps=2, lowering="eager")  # corrected_async_gn
+    # Unsplit: split at 2 ranks, each half of the batch would run on a rank of its own, with nothing to displace.
+    districompile.parallelize(pipe, warmup_steps=2, lowering="eager", split_batch=False)  # corrected_async_gn
     pipe.set_progress_bar_config(disable=True)
     displaced = [generate(pipe, embeds) for _ in range(2)]
-    return reference, exact, displaced
+    return reference, (exact, splits), displaced
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +86,8 @@ def relative_error(out, ref) -> float:
 
 
 def test_full_sync_matches_single_process(ranks):
-    (reference, images, _), (_, latents, _) = ranks
+    (reference, (images, splits), _), (_, (latents, _), _) = ranks
+    assert splits == [True]
     assert isinstance(images, np.ndarray) and images.shape == (1, 64, 64, 3)
     np.testing.assert_allclose(images, reference["np"], rtol=0, atol=1e-4)
     # The other ranks skip the VAE: they return the final latents.

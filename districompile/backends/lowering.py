@@ -1,4 +1,5 @@
-"""Lower: run the per-rank program eagerly, or hand it to Inductor (Triton on GPU, C++ on CPU)."""
+"""Lower: run the per-rank program eagerly or through Inductor (Triton on GPU, C++ on CPU),
+and on CUDA replay each phase as a CUDA graph (``cudagraphs.PhaseGraph``)."""
 
 from __future__ import annotations
 
@@ -8,23 +9,30 @@ import torch
 import torch.fx as fx
 
 from ..config import DistriConfig
-
-
-def _has_host_state(program: fx.GraphModule) -> bool:
-    """Displaced exchanges keep Python-side state per call, which a CUDA graph replay would skip."""
-    return any("_displaced" in str(node.target) for node in program.graph.nodes)
+from .cudagraphs import PhaseGraph, capturable
 
 
 def use_cuda_graphs(program: fx.GraphModule, inputs: list, config: DistriConfig) -> bool:
     on_cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs)
-    wanted = on_cuda if config.cuda_graphs is None else config.cuda_graphs
-    return wanted and on_cuda and not _has_host_state(program)
+    if not on_cuda or config.cuda_graphs is False:
+        return False
+    names = [n.name for n in program.graph.nodes if n.op == "placeholder"]
+    return capturable(inputs, names)
 
 
-def lower(program: fx.GraphModule, inputs: list, config: DistriConfig) -> Callable:
+def compile_program(program: fx.GraphModule, inputs: list, config: DistriConfig) -> Callable:
     if config.lowering == "eager":
         return program
     from torch._inductor.compile_fx import compile_fx
 
-    patches = {"triton.cudagraphs": use_cuda_graphs(program, inputs, config)}
-    return compile_fx(program, list(inputs), config_patches=patches)
+    # CUDA graphs are ours (one per phase, collectives inside), not Inductor's.
+    return compile_fx(program, list(inputs), config_patches={"triton.cudagraphs": False})
+
+
+def lower(program: fx.GraphModule, inputs: list, config: DistriConfig, name: str = "program", pool=None) -> Callable:
+    """The program as a callable; on CUDA, a ``PhaseGraph`` replaying it (``pool``: its memory pool)."""
+    compiled = compile_program(program, inputs, config)
+    if not use_cuda_graphs(program, inputs, config):
+        return compiled
+    static = {i for i, x in enumerate(inputs) if isinstance(x, torch.nn.Parameter)}
+    return PhaseGraph(compiled, static, pool if pool is not None else torch.cuda.graph_pool_handle(), name)

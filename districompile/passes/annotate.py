@@ -30,6 +30,11 @@ def source_name(node: fx.Node) -> str | None:
     return name() if callable(name) else name
 
 
+def is_model_state(node: fx.Node, value) -> bool:
+    """A parameter or buffer of the module (never split), as opposed to an input of the call."""
+    return isinstance(value, torch.nn.Parameter) or (source_name(node) or node.name).startswith("L['self']")
+
+
 def spatial_inputs(dynamo_gm: fx.GraphModule, inputs: list, names: tuple[str, ...] | None) -> list[int]:
     """Positions of the placeholders to split: ``names`` if given, else 4-d floating user inputs."""
     positions = []
@@ -40,8 +45,7 @@ def spatial_inputs(dynamo_gm: fx.GraphModule, inputs: list, names: tuple[str, ..
             if any(f"['{name}']" in source or source == name for name in names):
                 positions.append(position)
             continue
-        is_state = isinstance(value, torch.nn.Parameter) or source.startswith("L['self']")
-        if isinstance(value, torch.Tensor) and value.dim() == 4 and value.is_floating_point() and not is_state:
+        if isinstance(value, torch.Tensor) and value.dim() == 4 and value.is_floating_point() and not is_model_state(node, value):
             positions.append(position)
     return positions
 
@@ -70,7 +74,7 @@ def split_rows(aten_gm: fx.GraphModule, positions: list[int], world: int) -> tup
 
     # A one-rank probe finds how far the network downsamples (and where a height stops dividing).
     probe_split = RowSplit((0, height))
-    probe = propagate(aten_gm, {placeholders[p]: Shard(ROW_DIM, probe_split) for p in positions}, 1)
+    probe = propagate(aten_gm, {placeholders[p]: Shard(ROW_DIM, probe_split) for p in positions}, 1, exchange=False)
     multiple = math.lcm(*(s.numerator for s in _downsampling(probe.specs)), 1)
     if height % multiple:
         culprit = _first_uneven(aten_gm, probe.specs)

@@ -2,12 +2,15 @@
 
 Each exchange that the mode displaces becomes its ``*_displaced`` op with a site number
 (the same on every rank: sites are numbered in program order) and the phase flag ``stale``.
-Fallback gathers always stay synchronous: they exist for correctness.
+Fallback gathers always stay synchronous: they exist for correctness. A steady program ends
+in ``join_exchanges``: the exchanges it started finish within the call (behind its compute),
+so no call leaves work in flight and each phase can be replayed as one CUDA graph.
 """
 
 from __future__ import annotations
 
 import copy
+import operator
 
 import torch
 import torch.fx as fx
@@ -49,6 +52,23 @@ def displace(program: fx.GraphModule, sync_mode: str, state_id: int, stale: bool
             continue
         node.args = tuple(node.args) + tail
         site += 1
+    if stale and site:
+        _join_before_output(gm.graph, state_id)
     gm.recompile()
     return gm
+
+
+def _join_before_output(graph: fx.Graph, state_id: int):
+    output = next(n for n in graph.nodes if n.op == "output")
+    # Program outputs are tensors (static shapes leave no symbolic sizes to return).
+    tensors = [n for n in output.all_input_nodes if isinstance(n.meta.get("val", torch.empty(0)), torch.Tensor)]
+    if not tensors:
+        return
+    with graph.inserting_before(output):
+        joined = graph.call_function(districompile.join_exchanges.default, (tensors, state_id))
+        joined.meta["exchange"] = "join"
+        replacements = {}
+        for i, node in enumerate(tensors):
+            replacements[node] = graph.call_function(operator.getitem, (joined, i))
+    output.args = fx.node.map_arg(output.args, lambda n: replacements.get(n, n))
 

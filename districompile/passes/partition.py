@@ -94,7 +94,11 @@ def _default_emit(em: Emitter, node: fx.Node, args, kwargs) -> fx.Node:
     return em.call(target, *args, **kwargs)
 
 
-def partition(gm: fx.GraphModule, prop: Propagation, rank: int, world: int, group: str) -> fx.GraphModule:
+def partition(
+    gm: fx.GraphModule, prop: Propagation, rank: int, world: int, group: str, whole_io: bool = True
+) -> fx.GraphModule:
+    """``whole_io=False``: the program takes and returns only this rank's part of each sharded
+    input and output (the batch split slices and gathers around it)."""
     graph = fx.Graph()
     em = Emitter(graph, prop.specs, rank, world, group)
     env: dict[fx.Node, fx.Node] = {}
@@ -117,11 +121,11 @@ def partition(gm: fx.GraphModule, prop: Propagation, rank: int, world: int, grou
             whole = graph.placeholder(node.name)
             whole.meta = dict(node.meta)
             spec = prop.specs[node]
-            env[node] = em.take(whole, node, spec) if isinstance(spec, Shard) else whole
+            env[node] = em.take(whole, node, spec) if isinstance(spec, Shard) and whole_io else whole
         elif node.op == "get_attr":
             env[node] = graph.get_attr(node.target)
         elif node.op == "output":
-            outputs = fx.node.map_arg(node.args[0], lambda n: redistribute(n, Replicate(), "output_gather") if isinstance(prop.specs.get(n), Shard) else env[n])
+            outputs = fx.node.map_arg(node.args[0], lambda n: redistribute(n, Replicate(), "output_gather") if isinstance(prop.specs.get(n), Shard) and whole_io else env[n])
             graph.output(outputs)
         else:
             decision = prop.decisions[node]

@@ -62,8 +62,7 @@ def _redistribution(arg: fx.Node, have: Spec, want: Spec, consumer: fx.Node, kin
 def propagate(gm: fx.GraphModule, input_specs: dict[fx.Node, Spec], world: int, exchange: bool = True) -> Propagation:
     specs: dict[fx.Node, Spec] = {}
     result = Propagation(specs, {})
-    # One rank holds the whole image: every op runs as written, with nothing to exchange.
-    ctx = RuleContext(specs, world, exchange and world > 1)
+    ctx = RuleContext(specs, world, exchange)
     seen_redistributions = set()
     for node in gm.graph.nodes:
         if node.op == "placeholder":

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..sharding import Replicate, Shard
-from .registry import Decision, register
+from .registry import Decision, register, sharded_along_batch
 
 aten = torch.ops.aten
 
@@ -44,11 +44,16 @@ def _key_mask_spec(ctx, k_spec, mask):
 def sdpa(ctx, node):
     q, k, v = node.args[:3]
     q_spec = ctx.spec(q)
+    masks = [n for n in node.all_input_nodes if n not in (q, k, v)]
+    if sharded_along_batch(q_spec, len(ctx.shape(q)) - 2):
+        # Batch and head dims pair each query with its own keys: K, V and masks split alike (or broadcast).
+        same = ctx.shape(q)[q_spec.dim]
+        require = {t: q_spec if ctx.shape(t)[q_spec.dim] == same else Replicate() for t in (q, k, v, *masks)}
+        return Decision(_sdpa_out(node, q_spec), require)
     if not isinstance(q_spec, (Shard, Replicate)) or (isinstance(q_spec, Shard) and q_spec.dim != len(ctx.shape(q)) - 2):
         return None
     if isinstance(q_spec, Shard) and _argument(node, "is_causal", False):
         return None  # the causal mask ties each query to its global position, not its local one
-    masks = [n for n in node.all_input_nodes if n not in (q, k, v)]
     if isinstance(q_spec, Shard) and any(len(ctx.shape(m)) > 1 and ctx.shape(m)[-2] > 1 for m in masks):
         return None  # a mask per query row would have to be split like the queries
     require = {q: q_spec}
@@ -58,14 +63,16 @@ def sdpa(ctx, node):
         require.update({k: ctx.spec(k), v: ctx.spec(v)})
     # A mask over the keys must cover the same keys as K: all of them, or (naive) the patch's.
     require.update({m: _key_mask_spec(ctx, require[k], m) for m in masks})
+    return Decision(_sdpa_out(node, q_spec), require, gather_kind="kv_gather")
+
+
+def _sdpa_out(node, q_spec):
     val = node.meta["val"]
-    if isinstance(val, (list, tuple)):
-        # Output 0 is laid out as the queries; the log-sum-exp (N, heads, L) too. The rest are scalars.
-        lse = q_spec if isinstance(q_spec, Replicate) else q_spec.with_dim(q_spec.dim)
-        out = (q_spec, lse) + tuple(Replicate() if isinstance(t, torch.Tensor) else None for t in val[2:])
-    else:
-        out = q_spec
-    return Decision(out, require, gather_kind="kv_gather")
+    if not isinstance(val, (list, tuple)):
+        return q_spec
+    # Output 0 is laid out as the queries; the log-sum-exp (N, heads, L) too. The rest are scalars.
+    lse = q_spec if isinstance(q_spec, Replicate) else q_spec.with_dim(q_spec.dim)
+    return (q_spec, lse) + tuple(Replicate() if isinstance(t, torch.Tensor) else None for t in val[2:])
 
 
 @register(aten._softmax, aten._safe_softmax, aten._log_softmax, aten.softmax.int)

@@ -15,7 +15,7 @@ import torch
 from ..collectives import PAD_CONSTANT, PAD_REFLECT, PAD_REPLICATE, source_row
 from ..errors import ShapeError
 from ..sharding import Replicate, RowSplit, Shard
-from .registry import Decision, Exchange, register
+from .registry import Decision, Exchange, register, sharded_along_batch
 
 aten = torch.ops.aten
 
@@ -114,8 +114,12 @@ def _with(seq, index: int, value) -> list:
 @register(aten.convolution)
 def convolution(ctx, node):
     x, weight, bias, stride, padding, dilation, transposed, output_padding, groups = node.args
+    if ctx.spec(weight) != Replicate() or isinstance(ctx.spec(bias), Shard):
+        return None
+    if sharded_along_batch(ctx.spec(x)):
+        return Decision(ctx.spec(x))
     spec = _spatial_shard(ctx, x)
-    if spec is None or ctx.spec(weight) != Replicate() or isinstance(ctx.spec(bias), Shard):
+    if spec is None:
         return None
     axis = spec.dim - 2
     kernel = ctx.shape(weight)[spec.dim]
@@ -178,6 +182,8 @@ def avg_pool2d(ctx, node):
         node, [None, [], [0, 0], False, True, None]
     )
     stride = stride or kernel
+    if sharded_along_batch(ctx.spec(x)):
+        return Decision(ctx.spec(x))
     spec = _spatial_shard(ctx, x)
     if spec is None or ceil_mode or spec.dim != 2:
         return None
@@ -194,6 +200,8 @@ def avg_pool2d(ctx, node):
 def max_pool2d(ctx, node):
     x, kernel, stride, padding, dilation, ceil_mode = _pool_args(node, [None, [], [0, 0], [1, 1], False])
     stride = stride or kernel
+    if sharded_along_batch(ctx.spec(x)):  # indices are positions within each sample's plane
+        return Decision(ctx.spec(x) if isinstance(node.meta["val"], torch.Tensor) else (ctx.spec(x),) * 2)
     spec = _spatial_shard(ctx, x)
     if spec is None or ceil_mode or spec.dim != 2:
         return None

@@ -8,7 +8,7 @@ import torch
 
 from .. import local_ops
 from ..sharding import Replicate, Shard
-from .registry import Decision, Exchange, register
+from .registry import Decision, Exchange, register, sharded_along_batch
 
 aten = torch.ops.aten
 
@@ -17,6 +17,9 @@ aten = torch.ops.aten
 def group_norm(ctx, node):
     x, weight, bias, n, channels, hxw, groups, eps = node.args
     spec = ctx.spec(x)
+    if sharded_along_batch(spec):  # statistics are per sample: the local samples, counted locally
+        return Decision((spec, spec, spec), emit=lambda em, node, args, kw: em.call(
+            node.target, *args[:3], spec.local_size(em.rank), *args[4:]))
     if not isinstance(spec, Shard) or spec.dim < 2:
         return None
     out = (spec, Replicate(), Replicate())

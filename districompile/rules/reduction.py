@@ -7,7 +7,7 @@ import math
 import torch
 
 from ..sharding import Replicate, Shard
-from .registry import Decision, Exchange, register
+from .registry import Decision, Exchange, register, sharded_along_batch
 
 aten = torch.ops.aten
 
@@ -54,6 +54,8 @@ def reduce(ctx, node):
 def adaptive_avg_pool(ctx, node):
     x, size = node.args[:2]
     spec = ctx.spec(x)
+    if sharded_along_batch(spec):
+        return Decision(spec)
     if list(size) != [1, 1] or spec.dim != 2:
         return None
     if not ctx.exchange:

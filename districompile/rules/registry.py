@@ -86,6 +86,12 @@ def lookup(target) -> Rule | None:
     return None
 
 
+def sharded_along_batch(spec, batch_dims: int = 1) -> bool:
+    """Sharded along one of an op's ``batch_dims`` leading dimensions (e.g. N of NCHW), which the op
+    computes each entry of alone: it runs on the local entries as written (the CFG batch split)."""
+    return isinstance(spec, Shard) and spec.dim < batch_dims
+
+
 def shard_like(spec: Shard, dim: int) -> Shard:
     return spec.with_dim(dim)
 

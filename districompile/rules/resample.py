@@ -9,7 +9,7 @@ import torch
 from ..collectives import PAD_REPLICATE
 from ..sharding import Shard
 from .conv import _spatial_shard, halo_exchange, _row_elems
-from .registry import Decision, register
+from .registry import Decision, register, sharded_along_batch
 
 aten = torch.ops.aten
 
@@ -22,6 +22,8 @@ def _factor(ctx, node, spec: Shard) -> int | None:
 
 @register(aten.upsample_nearest2d.default, aten._upsample_nearest_exact2d.default, aten.upsample_nearest1d.default)
 def nearest(ctx, node):
+    if sharded_along_batch(ctx.spec(node.args[0])):
+        return Decision(ctx.spec(node.args[0]))
     spec = _spatial_shard(ctx, node.args[0])
     factor = _factor(ctx, node, spec) if spec else None
     if factor is None:
@@ -40,6 +42,8 @@ def nearest(ctx, node):
 @register(aten.upsample_bilinear2d.default)
 def bilinear(ctx, node):
     x, size, align_corners = node.args[:3]
+    if sharded_along_batch(ctx.spec(x)):
+        return Decision(ctx.spec(x))
     spec = _spatial_shard(ctx, x)
     factor = _factor(ctx, node, spec) if spec and spec.dim == 2 else None
     if factor is None or align_corners:

@@ -1,0 +1,47 @@
+"""``single_rank_exchanges``: the exchange ops kept at world 1, to test or time them on one device.
+
+On one rank a halo is only padding and a statistics all-gather has one block, so
+``full_sync`` stays exact; a displaced mode that reads stale statistics (``stale_gn``) does not,
+which is what lets one GPU check a replayed steady phase (gpu_tests/test_gpu.py).
+"""
+
+import torch
+from dist import run_ranks
+from models import as_tensor, tiny_sdxl_unet
+from test_displaced import exchanges, relative_error
+
+import districompile
+
+TIMESTEPS = (900, 800, 700, 600)
+
+
+def _run(rank, world_size):
+    model, (x, _, context), kwargs = tiny_sdxl_unet()
+    with torch.no_grad():
+        expected = [as_tensor(model(x, torch.tensor(t), context, **kwargs)) for t in TIMESTEPS]
+        results = {}
+        for mode in ("full_sync", "stale_gn"):
+            options = {"sync_mode": mode, "lowering": "eager", "warmup_steps": 1, "single_rank_exchanges": True}
+            compiled = torch.compile(model, backend="distri", options=options)
+            outputs = [as_tensor(compiled(x, torch.tensor(t), context, **kwargs)) for t in TIMESTEPS]
+            (runtime,) = [r for r in districompile.runtimes(model) if r.config.sync_mode == mode]
+            (trajectory,) = runtime.trajectories.values()
+            programs = [p for p in (trajectory.warmup, trajectory.steady) if p is not None]
+            results[mode] = (outputs, [exchanges(p) for p in programs])
+            torch._dynamo.reset()
+    return expected, results
+
+
+def test_single_rank_exchanges():
+    ((expected, results),) = run_ranks(_run, 1)
+
+    outputs, (program,) = results["full_sync"]
+    # Gathers of a single block are left out; halos (edge padding) and statistics stay.
+    assert {"halo", "stats"} <= {kind for kind, *_ in program}
+    for out, ref in zip(outputs, expected):
+        assert relative_error(out, ref) < 1e-5
+
+    outputs, (warmup, steady) = results["stale_gn"]
+    assert relative_error(outputs[0], expected[0]) < 1e-5  # the warm-up call is synchronous
+    assert all(relative_error(out, ref) > 1e-4 for out, ref in zip(outputs[1:], expected[1:]))
+    assert steady[-1][0] == "join" and "join" not in {kind for kind, *_ in warmup}
