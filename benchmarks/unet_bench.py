@@ -129,7 +129,7 @@ def graph_counts(unet) -> str:
 def run_distri(row, key, unet, args, kwargs, reference, device, opts, **options):
     """``backend="distri"`` with ``options``; in a displaced mode only steady-phase calls are timed."""
     torch._dynamo.reset()
-    distri = torch.compile(unet, backend="distri", options=options)
+    distri = torch.compile(unet, backend="distri", options={"lowering": opts.lowering, **options})
     out = output(distri(*args, **kwargs))
     row[f"{key} rel err"] = relative_error(out, reference)
     # Timesteps must not go up within a trajectory (that restarts it): the same one every call.
@@ -144,7 +144,7 @@ def run_projection(row, world, unet, args, kwargs, device, opts):
     rank = min(1, world - 1)  # an edge rank with a full halo on one side
     program = localize(report.plan.program(rank, "projection"))
     inputs = report.example_inputs
-    run = lower(program, inputs, DistriConfig(), "projection")
+    run = lower(program, inputs, DistriConfig(lowering=opts.lowering), "projection")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     name = f"projected N={world}, per rank"
@@ -168,6 +168,8 @@ def main():
     parser.add_argument("--modes", nargs="+", default=["eager", "reduce-overhead", "distri1", "projected"],
                         choices=MODES + ("distri",))
     parser.add_argument("--worlds", type=int, nargs="+", default=[2], help="world sizes of the projections")
+    parser.add_argument("--lowering", choices=("inductor", "eager"), default="inductor",
+                        help="of distri and the projections (eager: no compile, for a quick CPU check)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--out", default=None, help="folder for the JSON results")
