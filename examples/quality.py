@@ -3,20 +3,18 @@
 Runs a DDIM trajectory (diffusers' DDIMScheduler) from a random latent with a tiny SD-1.5-like and
 a tiny SDXL-like UNet (random weights), once on one device and once patch-parallel per sync mode
 and warm-up length, and prints the PSNR of each final latent against the single-device one as a
-markdown table (last). CPU ranks with gloo, eager lowering:
+markdown table (last). Eager lowering, ranks started by ``launch.py`` (CPU ranks with gloo, or one
+per GPU):
 
     python examples/quality.py                  # 2 ranks, 20 steps, 32x32 latents
 """
 
 import argparse
 import math
-import os
-import socket
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from diffusers import DDIMScheduler, UNet2DConditionModel
+from launch import launch
 
 DISPLACED_MODES = ("corrected_async_gn", "stale_gn", "separate_gn", "no_sync")
 WARMUPS = (1, 2, 4)
@@ -25,7 +23,7 @@ TEXT_TOKENS, TEXT_DIM = 7, 32
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--world-size", type=int, default=2, help="CPU ranks to spawn (default: 2)")
+    parser.add_argument("--world-size", type=int, default=2, help="ranks to spawn (default: 2)")
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps (default: 20)")
     parser.add_argument("--size", type=int, default=32, help="latent height and width (default: 32)")
     return parser.parse_args()
@@ -73,13 +71,14 @@ def tiny_sdxl(size):
 MODELS = {"tiny SD-1.5": tiny_sd15, "tiny SDXL": tiny_sdxl}
 
 
-def build(name, size):
+def build(name, size, device):
     """The UNet, its inputs and the initial latent, seeded: every rank builds the same ones."""
     torch.manual_seed(0)
     unet, kwargs = MODELS[name](size)
     context = torch.randn(1, TEXT_TOKENS, TEXT_DIM)
     latent = torch.randn(1, 4, size, size)
-    return unet.eval(), latent, context, kwargs
+    kwargs = {k: {n: t.to(device) for n, t in v.items()} for k, v in kwargs.items()}
+    return unet.eval().to(device), latent.to(device), context.to(device), kwargs
 
 
 # ----------------------------------------------------------------------------- trajectories
@@ -115,11 +114,11 @@ def configurations():
     yield "full_sync", None, {"sync_mode": "full_sync"}
 
 
-def run(rank, world_size, args):
-    """Every configuration on every rank; returns ``{(model, row): {warm-up: PSNR}}`` (rank 0's)."""
-    results = {}
+def run(args, rank, world_size, device):
+    """Every configuration on every rank; rank 0 prints the table of PSNRs."""
+    results = {}  # {(model, row): {warm-up: PSNR}}
     for name in MODELS:
-        unet, latent, context, kwargs = build(name, args.size)
+        unet, latent, context, kwargs = build(name, args.size, device)
         reference = trajectory(unet, latent, context, kwargs, args.steps)
         for row, warmup, options in configurations():
             torch._dynamo.reset()  # a fresh compile each time, clear of Dynamo's recompile limit
@@ -129,7 +128,8 @@ def run(rank, world_size, args):
                 results.setdefault((name, row), {})[column] = value
             if rank == 0:
                 print(f"{name}, {row}, warm-up {warmup or '-'}: PSNR {value:.1f} dB", flush=True)
-    return results
+    if rank == 0:
+        print("\n" + table(results, args, world_size))
 
 
 def table(results, args, world_size) -> str:
@@ -149,27 +149,8 @@ def table(results, args, world_size) -> str:
     return "\n".join(lines)
 
 
-def run_rank(rank, world_size, args, init_method):
-    torch.set_num_threads(max(1, os.cpu_count() // world_size))  # ranks share the cores
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size)
-    try:
-        results = run(rank, world_size, args)
-        if rank == 0:
-            print("\n" + table(results, args, world_size))
-    finally:
-        dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def main():
-    args = parse_args()
-    init_method = f"tcp://127.0.0.1:{free_port()}"
-    mp.spawn(run_rank, args=(args.world_size, args, init_method), nprocs=args.world_size)
+    launch(run, parse_args())
 
 
 if __name__ == "__main__":
