@@ -53,7 +53,7 @@ TINY = dict(
     projection_class_embeddings_input_dim=8 * 6 + 64, norm_num_groups=8,
 )
 TEXT = {"sdxl": (2048, 1280), "tiny": (64, 64)}
-DISPLACED_KINDS = ("halo", "kv_gather", "stats", "allreduce")  # kept as stale buffers
+DISPLACED_KINDS = ("halo", "kv_gather", "stats_allgather", "allreduce")  # explain's kinds kept as stale buffers
 MODES = ("eager", "reduce-overhead", "distri1", "distri1-steady", "projected")
 
 

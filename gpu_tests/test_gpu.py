@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from checks import relative_error  # noqa: E402
 from models import as_tensor, tiny_sdxl_unet  # noqa: E402
 
 import districompile  # noqa: E402
@@ -38,10 +39,6 @@ def fresh_dynamo():
     """Drop earlier compilations (Dynamo's caches) before compiling again."""
     torch._dynamo.reset()
     gc.collect()
-
-
-def relative_error(out, ref) -> float:
-    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
 
 
 def sdxl_on_gpu(dtype, height=64):

@@ -32,22 +32,25 @@ def as_tensor(output):
 # rank running only the hand-written models would otherwise pay.
 
 
+# An SD-1.5-like UNet2DConditionModel (cross-attention on 32-wide text), at a fraction of its width.
+TINY_SD15 = dict(
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=8,
+)
+
+
 def tiny_sd15_unet(height=32, width=32, batch=1):
     from diffusers import UNet2DConditionModel
 
     with _seeded():
-        model = UNet2DConditionModel(
-            sample_size=(height, width),
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32,
-            attention_head_dim=8,
-            norm_num_groups=8,
-        ).eval()
+        model = UNet2DConditionModel(sample_size=(height, width), **TINY_SD15).eval()
         args = (
             torch.randn(batch, 4, height, width),
             torch.tensor(500),

@@ -14,9 +14,9 @@ import logging
 import pytest
 import torch
 import torch.distributed as dist
+from checks import exchanges, psnr, relative_error
 from dist import run_ranks
 from models import as_tensor, hand_unet_a, hand_unet_b, tiny_sd15_unet, tiny_sdxl_unet
-from test_displaced import exchanges, psnr, relative_error
 from torch import nn
 
 import districompile

@@ -6,10 +6,10 @@ configuration once, runs every trajectory the tests need and returns the outputs
 of the programs; the tests check them.
 """
 
-import math
 
 import pytest
 import torch
+from checks import exchanges, psnr, relative_error
 from dist import run_ranks
 from models import as_tensor, tiny_sd15_unet
 
@@ -28,16 +28,6 @@ def trajectory(model, x, context, timesteps):
     for t in timesteps:
         x = x - 0.1 * as_tensor(model(x, torch.tensor(t), context))
     return x
-
-
-def exchanges(program) -> list[tuple]:
-    """``(kind, op, site, stale)`` of each exchange node of a program, in program order."""
-    rows = []
-    for node in program.graph.nodes:
-        if "exchange" in node.meta:
-            named = dict(zip((a.name for a in node.target._schema.arguments), node.args))
-            rows.append((node.meta["exchange"], str(node.target), named.get("site"), named.get("stale")))
-    return rows
 
 
 def program_summary(model) -> dict:
@@ -102,15 +92,6 @@ def _run(rank, world_size):
 def ranks():
     """Per rank: ``(outputs, programs)``."""
     return run_ranks(_run, WORLD, timeout=300.0)
-
-
-def relative_error(out, ref) -> float:
-    return ((out - ref).abs().max() / ref.abs().max()).item()
-
-
-def psnr(out, ref) -> float:
-    mse = (out - ref).pow(2).mean().item()
-    return math.inf if mse == 0 else 10 * math.log10((ref.max() - ref.min()).item() ** 2 / mse)
 
 
 def test_warmup_only_trajectory_is_exact(ranks):

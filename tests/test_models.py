@@ -2,14 +2,11 @@
 
 import pytest
 import torch
+from checks import relative_error
 from dist import run_ranks
 from models import FACTORIES, as_tensor, hand_unet_a, tiny_sd15_unet
 
 TOLERANCE = 1e-4  # fp32 relative error: max |distri - eager| / max |eager|
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out - ref).abs().max() / ref.abs().max()).item()
 
 
 def compare_models(rank, world, height, batch, lowering, factories):

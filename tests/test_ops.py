@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from checks import relative_error
 from dist import run_ranks
 from torch import nn
 
@@ -374,10 +375,6 @@ def build_case(name, batch, height, width):
         if name in CONTEXT_CASES:
             inputs += (torch.randn(batch, 5, 6),)
     return model, inputs
-
-
-def relative_error(out, ref) -> float:
-    return ((out - ref).abs().max() / ref.abs().max()).item()
 
 
 def naive_patch_reference(model, x, row_bounds):

@@ -3,14 +3,16 @@
 import numpy as np
 import pytest
 import torch
+from checks import relative_error
 from dist import run_ranks
+from models import TINY_SD15
 
 import districompile
 
 WORLD = 2
 SEED = 0
 STEPS = 4
-TEXT_TOKENS, TEXT_DIM = 7, 32
+TEXT_TOKENS, TEXT_DIM = 7, TINY_SD15["cross_attention_dim"]
 
 
 def tiny_pipeline():
@@ -19,16 +21,7 @@ def tiny_pipeline():
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
-        unet = UNet2DConditionModel(
-            sample_size=32,
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=TEXT_DIM,
-            attention_head_dim=8,
-            norm_num_groups=8,
-        )
+        unet = UNet2DConditionModel(sample_size=32, **TINY_SD15)
         vae = AutoencoderKL(
             down_block_types=("DownEncoderBlock2D",) * 2,
             up_block_types=("UpDecoderBlock2D",) * 2,
@@ -79,10 +72,6 @@ def _run(rank, world_size):
 def ranks():
     """Per rank: the single-process outputs, the full_sync output and two displaced outputs."""
     return run_ranks(_run, WORLD, timeout=300.0)
-
-
-def relative_error(out, ref) -> float:
-    return ((out - ref).abs().max() / ref.abs().max()).item()
 
 
 def test_full_sync_matches_single_process(ranks):

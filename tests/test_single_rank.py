@@ -6,9 +6,9 @@ which is what lets one GPU check a replayed steady phase (gpu_tests/test_gpu.py)
 """
 
 import torch
+from checks import exchanges, relative_error
 from dist import run_ranks
 from models import as_tensor, tiny_sdxl_unet
-from test_displaced import exchanges, relative_error
 
 import districompile
 
