@@ -22,20 +22,33 @@ def run(args, tmp_path, timeout=600):
 
 
 def test_unet_bench_on_cpu(tmp_path):
+    # --jobs 3: the five measurements run in worker processes, three and then two at once.
     stdout, result = run(
         [sys.executable, "unet_bench.py", "--model", "tiny", "--sizes", "128", "--dtype", "fp32", "--lowering", "eager",
          "--modes", "eager", "distri1", "distri1-steady", "projected", "--worlds", "2", "4",
-         "--iters", "1", "--warmup", "0", "--out", str(tmp_path)],
+         "--iters", "1", "--warmup", "0", "--jobs", "3", "--out", str(tmp_path)],
         tmp_path,
     )
-    (row,) = result["rows"]
+    (row,) = result["rows"]  # the workers' measurements of one size and batch, merged
     assert row["distri N=1 rel err"] < 1e-5
     assert row["distri N=1 steady, exchanges kept rel err"] < 1e-5  # one rank: corrected statistics are exact
     assert 0 < row["N=2 stale MiB/rank"] < row["N=2 MiB/call"]
     assert row["N=4 MiB/call"] > row["N=2 MiB/call"]  # more seams, more K/V from others
     for key in ("eager ms", "distri N=1 ms", "projected N=2, per rank ms", "projected N=4, per rank ms"):
         assert row[key] > 0
-    assert "| size | batch | eager ms |" in stdout  # the table, printed last
+    assert stdout.count("[128/b1/") > 5  # each worker's output, labelled
+    assert "| size | batch |" in stdout.splitlines()[-3]  # the table, printed last
+
+
+def test_unet_bench_in_one_process(tmp_path):
+    stdout, result = run(
+        [sys.executable, "unet_bench.py", "--model", "tiny", "--sizes", "64", "--batch", "1", "2", "--dtype", "fp32",
+         "--modes", "eager", "--iters", "1", "--warmup", "0", "--out", str(tmp_path)],
+        tmp_path,
+    )
+    assert [(row["size"], row["batch"]) for row in result["rows"]] == [(64, 1), (64, 2)]
+    assert all(row["eager ms"] > 0 for row in result["rows"])
+    assert "| size | batch | eager ms |" in stdout
 
 
 def test_multi_gpu_script_on_two_cpu_ranks(tmp_path):

@@ -21,7 +21,7 @@ TIMESTEPS = (900, 750, 600, 450, 300, 150)
 LATER = (150, 125, 100, 75, 50, 25)  # starts where TIMESTEPS ends: no automatic restart between them
 WARMUP = 4  # the default warmup_steps
 SYNC_MODES = ("corrected_async_gn", "stale_gn", "separate_gn", "no_sync", "full_sync")
-DISPLACED_KINDS = {"halo", "kv_gather", "stats", "allreduce"}  # and output_gather in no_sync
+DISPLACED_KINDS = {"halo", "kv_gather", "stats_allgather", "allreduce"}  # and output_gather in no_sync
 
 
 def trajectory(model, x, context, timesteps):
@@ -132,7 +132,7 @@ def test_displaced_programs(ranks, mode):
     assert all(summary == summaries[0] for summary in summaries), "the ranks' programs differ"
     summary = summaries[0]
     kinds = {kind for kind, *_ in summary["steady"]}
-    assert {"halo", "kv_gather", "stats", "output_gather"} <= kinds
+    assert {"halo", "kv_gather", "stats_allgather", "output_gather"} <= kinds
     # The steady program joins its exchanges once, last, so nothing is in flight between calls.
     assert [row[0] for row in summary["steady"]].count("join") == 1 and summary["steady"][-1][0] == "join"
     assert "join" not in {kind for kind, *_ in summary["warmup"]}

@@ -37,7 +37,7 @@ def test_single_rank_exchanges():
 
     outputs, (program,) = results["full_sync"]
     # Gathers of a single block are left out; halos (edge padding) and statistics stay.
-    assert {"halo", "stats"} <= {kind for kind, *_ in program}
+    assert {"halo", "stats_allgather"} <= {kind for kind, *_ in program}
     for out, ref in zip(outputs, expected):
         assert relative_error(out, ref) < 1e-5
 

@@ -40,7 +40,7 @@ def displace(program: fx.GraphModule, sync_mode: str, state_id: int, stale: bool
             node.target = districompile.fetch_rows_displaced.default
         elif kind == "kv_gather" or (kind == "output_gather" and displace_output):
             node.target = districompile.gather_rows_displaced.default
-        elif kind == "stats":
+        elif kind == "stats_allgather":
             x, world, group = node.args
             node.args = (x, world, rank, group)
             node.target = districompile.all_gather_stack_displaced.default

@@ -3,6 +3,9 @@
 For projections only: the result runs one rank's compute (halo assembly, padding to whole K/V,
 statistics merge included) on one device with no communication, so its time is the per-rank
 compute time of a world of N ranks. Foreign rows are zeros, so its output is not the model's.
+
+The stand-ins are custom ops, opaque to Inductor as the exchanges are: Inductor fuses around
+them exactly what it can fuse around the real program's exchanges, and no more.
 """
 
 from __future__ import annotations
@@ -17,32 +20,39 @@ from ..collectives import ROW_DIM, assemble_halo, halo_plan, row_counts
 districompile = torch.ops.districompile
 
 
-def local_fetch_rows(x, bounds, need_lo, need_hi, rank, pad_mode, fill, group):
+@torch.library.custom_op("districompile::local_fetch_rows", mutates_args=())
+def local_fetch_rows(
+    x: torch.Tensor, bounds: list[int], need_lo: list[int], need_hi: list[int], rank: int, pad_mode: int, fill: float,
+    group: str,
+) -> torch.Tensor:
     plan = halo_plan(tuple(bounds), tuple(need_lo), tuple(need_hi), rank, pad_mode)
     zeros = [x.new_zeros(x.shape[0], x.shape[1], count, x.shape[3]) for _, count in plan.receives]
     return assemble_halo(x, plan, zeros, fill)
 
 
-def local_gather_rows(x, bounds, rank, group):
+@torch.library.custom_op("districompile::local_gather_rows", mutates_args=())
+def local_gather_rows(x: torch.Tensor, bounds: list[int], rank: int, group: str) -> torch.Tensor:
     counts = row_counts(bounds)
     blocks = [x if r == rank else x.new_zeros(x.shape[0], x.shape[1], c, x.shape[3]) for r, c in enumerate(counts)]
     return torch.cat(blocks, ROW_DIM)
 
 
-def local_all_gather_stack(x, world, group):
+@torch.library.custom_op("districompile::local_all_gather_stack", mutates_args=())
+def local_all_gather_stack(x: torch.Tensor, world: int, group: str) -> torch.Tensor:
     return torch.stack([x] * world)
 
 
-def local_all_reduce(x, op, group):
+@torch.library.custom_op("districompile::local_all_reduce", mutates_args=())
+def local_all_reduce(x: torch.Tensor, op: str, group: str) -> torch.Tensor:
     return x.clone()
 
 
-STAND_INS = {
-    districompile.fetch_rows.default: local_fetch_rows,
-    districompile.gather_rows.default: local_gather_rows,
-    districompile.all_gather_stack.default: local_all_gather_stack,
-    districompile.all_reduce.default: local_all_reduce,
-}
+EXCHANGES = ("fetch_rows", "gather_rows", "all_gather_stack", "all_reduce")
+STAND_INS = {getattr(districompile, op).default: getattr(districompile, f"local_{op}").default for op in EXCHANGES}
+
+# A stand-in's output has its exchange's shape: under fake tensors, call the exchange's own fake.
+for _exchange, _stand_in in STAND_INS.items():
+    torch.library.register_fake(_stand_in, lambda *args, _exchange=_exchange: _exchange(*args))
 
 
 def localize(program: fx.GraphModule) -> fx.GraphModule:

@@ -78,7 +78,7 @@ class Emitter:
         )
 
     def all_gather_stack(self, x: fx.Node) -> fx.Node:
-        return self.exchange("stats", districompile.all_gather_stack.default, x, self.world, self.group)
+        return self.exchange("stats_allgather", districompile.all_gather_stack.default, x, self.world, self.group)
 
     def all_reduce(self, x: fx.Node, op: str) -> fx.Node:
         return self.exchange("allreduce", districompile.all_reduce.default, x, op, self.group)

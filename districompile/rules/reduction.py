@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ..sharding import Replicate, Shard
+from ..sharding import Replicate
 from .registry import Decision, Exchange, register, sharded_along_batch
 
 aten = torch.ops.aten
