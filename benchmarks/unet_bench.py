@@ -45,24 +45,9 @@ from districompile.backends.cudagraphs import PhaseGraph
 from districompile.backends.lowering import lower
 from districompile.config import DistriConfig
 from districompile.passes.localize import localize
+from districompile.unets import SDXL, TINY_SDXL, pooled_dim, sdxl_time_ids
 
-SDXL = dict(
-    in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
-    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816, norm_num_groups=32,
-)
-TINY = dict(
-    in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64, 64),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    transformer_layers_per_block=(1, 1, 2), attention_head_dim=(2, 4, 4), cross_attention_dim=64,
-    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-    projection_class_embeddings_input_dim=8 * 6 + 64, norm_num_groups=8,
-)
-TEXT = {"sdxl": (2048, 1280), "tiny": (64, 64)}
+MODELS = {"sdxl": SDXL, "tiny": TINY_SDXL}
 DISPLACED_KINDS = ("halo", "kv_gather", "stats_allgather", "allreduce")  # explain's kinds kept as stale buffers
 MODES = ("eager", "reduce-overhead", "distri1", "distri1-steady", "projected")
 
@@ -70,19 +55,21 @@ MODES = ("eager", "reduce-overhead", "distri1", "distri1-steady", "projected")
 def build(model: str, size: int, batch: int, dtype, device):
     from diffusers import UNet2DConditionModel
 
+    config = MODELS[model]
     torch.manual_seed(0)
     with torch.device(device):  # random init on the GPU: seconds, not a minute on the CPU
-        unet = UNet2DConditionModel(**(SDXL if model == "sdxl" else TINY)).to(dtype).eval()
-    text_dim, pooled_dim = TEXT[model]
+        unet = UNet2DConditionModel(**config).to(dtype).eval()
     latent = size // 8
     args = (
         torch.randn(batch, 4, latent, latent, device=device, dtype=dtype),
         torch.tensor(500.0, device=device),
-        torch.randn(batch, 77, text_dim, device=device, dtype=dtype),
+        torch.randn(batch, 77, config["cross_attention_dim"], device=device, dtype=dtype),
     )
-    time_ids = torch.tensor([[size, size, 0, 0, size, size]] * batch, device=device, dtype=dtype)
-    kwargs = {"added_cond_kwargs": {"text_embeds": torch.randn(batch, pooled_dim, device=device, dtype=dtype), "time_ids": time_ids}}
-    return unet, args, kwargs
+    added = {
+        "text_embeds": torch.randn(batch, pooled_dim(config), device=device, dtype=dtype),
+        "time_ids": sdxl_time_ids(batch, latent, latent, device, dtype),
+    }
+    return unet, args, {"added_cond_kwargs": added}
 
 
 def sync(device):
@@ -279,7 +266,7 @@ class Worker:
     def __init__(self, index: int, work: dict, turns: str):
         self.label = f"{work['size']}/b{work['batch']}/{work['modes'][0]}" + "".join(f"/N={w}" for w in work["worlds"])
         self.path = os.path.join(turns, str(index))
-        argv = [a for a in sys.argv[1:]] + ["--measurement", json.dumps(work), "--out", self.path]
+        argv = sys.argv[1:] + ["--measurement", json.dumps(work), "--out", self.path]
         self.process = subprocess.Popen(
             [sys.executable, "-u", os.path.abspath(__file__), *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 
 import torch
@@ -96,7 +97,12 @@ class DistriRuntime:
 
     def _lower(self, program, args, phase: str, pool=None):
         self.compilations += 1
-        return lower(program, list(args), self.config, phase, pool)
+        # An SDXL-sized phase takes a minute or more through Inductor: say what is being waited on.
+        log.info("districompile: lowering the %s phase (%d nodes, %s)", phase, len(program.graph.nodes), self.config.lowering)
+        start = time.perf_counter()
+        lowered = lower(program, list(args), self.config, phase, pool)
+        log.info("districompile: lowered the %s phase in %.1f s", phase, time.perf_counter() - start)
+        return lowered
 
     def compile(self, args) -> Trajectory:
         group, graph = self.group(), self.dynamo_gm

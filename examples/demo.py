@@ -17,6 +17,7 @@ import torch.distributed as dist
 from diffusers import UNet2DConditionModel
 
 import districompile
+from districompile.unets import sdxl_config, sdxl_time_ids
 from launch import launch
 
 TEXT_TOKENS, TEXT_DIM, TIME_EMBED_DIM = 77, 128, 32
@@ -48,23 +49,11 @@ def build_unet(height, width, device):
     Seeded, so that every rank builds the same weights and inputs.
     """
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=(height, width),
-        block_out_channels=(64, 128, 256),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2, 2),
-        attention_head_dim=(2, 4, 8),  # diffusers reads this as the number of heads
-        use_linear_projection=True,
-        cross_attention_dim=TEXT_DIM,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=TIME_EMBED_DIM,
-        projection_class_embeddings_input_dim=6 * TIME_EMBED_DIM + TEXT_DIM,
+    config = sdxl_config(
+        widths=(64, 128, 256), transformer_layers=(1, 2, 2), heads=(2, 4, 8),
+        text_dim=TEXT_DIM, pooled_dim=TEXT_DIM, time_embed_dim=TIME_EMBED_DIM,
     )
-    unet = unet.eval().to(device)
-    pixel_h, pixel_w = 8 * height, 8 * width  # SDXL's time_ids: original size, crop corner, target size
-    time_ids = torch.tensor([[pixel_h, pixel_w, 0, 0, pixel_h, pixel_w]], dtype=torch.float32)
+    unet = UNet2DConditionModel(sample_size=(height, width), **config).eval().to(device)
     args = (
         torch.randn(1, 4, height, width, device=device),
         torch.tensor(500, device=device),
@@ -73,7 +62,7 @@ def build_unet(height, width, device):
     kwargs = {
         "added_cond_kwargs": {
             "text_embeds": torch.randn(1, TEXT_DIM, device=device),
-            "time_ids": time_ids.to(device),
+            "time_ids": sdxl_time_ids(1, height, width, device),
         }
     }
     return unet, args, kwargs

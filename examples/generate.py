@@ -27,6 +27,7 @@ from PIL import Image
 import districompile
 from launch import launch
 from districompile.config import LOWERINGS, PARALLELISMS, SYNC_MODES
+from districompile.unets import pooled_dim, sdxl_config
 
 TEXT_TOKENS = 77  # CLIP's sequence length
 
@@ -60,21 +61,10 @@ def parse_args():
 def small_sdxl(height, width):
     """SDXL's architecture (block types, text_time conditioning, 4-level VAE) at a fraction of its width."""
     torch.manual_seed(0)  # every rank builds the same weights
-    time_embed_dim, text_dim, pooled_dim = 16, 64, 64
-    unet = UNet2DConditionModel(
-        sample_size=(height // 8, width // 8),
-        block_out_channels=(32, 64, 128),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 1, 2),
-        attention_head_dim=(2, 4, 8),  # diffusers reads this as the number of heads
-        use_linear_projection=True,
-        cross_attention_dim=text_dim,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=time_embed_dim,
-        projection_class_embeddings_input_dim=6 * time_embed_dim + pooled_dim,
+    config = sdxl_config(
+        widths=(32, 64, 128), transformer_layers=(1, 1, 2), heads=(2, 4, 8), text_dim=64, pooled_dim=64, time_embed_dim=16
     )
+    unet = UNet2DConditionModel(sample_size=(height // 8, width // 8), **config)
     vae = AutoencoderKL(
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
@@ -107,12 +97,12 @@ def build_pipeline(args, device):
 def random_embeddings(pipe, seed):
     """Seeded stand-ins for both text encoders' outputs, sized from the UNet's config."""
     config, generator = pipe.unet.config, torch.Generator().manual_seed(seed)
-    pooled_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    pooled = pooled_dim(config)
     shapes = {
         "prompt_embeds": (1, TEXT_TOKENS, config.cross_attention_dim),
         "negative_prompt_embeds": (1, TEXT_TOKENS, config.cross_attention_dim),
-        "pooled_prompt_embeds": (1, pooled_dim),
-        "negative_pooled_prompt_embeds": (1, pooled_dim),
+        "pooled_prompt_embeds": (1, pooled),
+        "negative_pooled_prompt_embeds": (1, pooled),
     }
     return {
         name: torch.randn(shape, generator=generator).to(pipe.device, pipe.unet.dtype) for name, shape in shapes.items()

@@ -14,11 +14,13 @@ import math
 
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
+
+from districompile.unets import TINY_SD15, TINY_SDXL, pooled_dim, sdxl_time_ids
 from launch import launch
 
 DISPLACED_MODES = ("corrected_async_gn", "stale_gn", "separate_gn", "no_sync")
 WARMUPS = (1, 2, 4)
-TEXT_TOKENS, TEXT_DIM = 7, 32
+TEXT_TOKENS = 7
 
 
 def parse_args():
@@ -33,39 +35,13 @@ def parse_args():
 
 
 def tiny_sd15(size):
-    unet = UNet2DConditionModel(
-        sample_size=size,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=TEXT_DIM,
-        attention_head_dim=8,
-        norm_num_groups=8,
-    )
-    return unet, {}
+    return UNet2DConditionModel(sample_size=size, **TINY_SD15), {}
 
 
 def tiny_sdxl(size):
-    time_embed_dim = 8
-    unet = UNet2DConditionModel(
-        sample_size=size,
-        block_out_channels=(32, 64, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 1, 2),
-        attention_head_dim=(2, 4, 4),
-        use_linear_projection=True,
-        cross_attention_dim=TEXT_DIM,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=time_embed_dim,
-        projection_class_embeddings_input_dim=6 * time_embed_dim + TEXT_DIM,  # time ids + pooled text
-        norm_num_groups=8,
-    )
-    pixels = 8 * size  # SDXL's micro-conditioning: original size, crop corner, target size
-    time_ids = torch.tensor([[pixels, pixels, 0, 0, pixels, pixels]], dtype=torch.float32)
-    return unet, {"added_cond_kwargs": {"text_embeds": torch.randn(1, TEXT_DIM), "time_ids": time_ids}}
+    unet = UNet2DConditionModel(sample_size=size, **TINY_SDXL)
+    added = {"text_embeds": torch.randn(1, pooled_dim(TINY_SDXL)), "time_ids": sdxl_time_ids(1, size, size)}
+    return unet, {"added_cond_kwargs": added}
 
 
 MODELS = {"tiny SD-1.5": tiny_sd15, "tiny SDXL": tiny_sdxl}
@@ -75,7 +51,7 @@ def build(name, size, device):
     """The UNet, its inputs and the initial latent, seeded: every rank builds the same ones."""
     torch.manual_seed(0)
     unet, kwargs = MODELS[name](size)
-    context = torch.randn(1, TEXT_TOKENS, TEXT_DIM)
+    context = torch.randn(1, TEXT_TOKENS, unet.config.cross_attention_dim)
     latent = torch.randn(1, 4, size, size)
     kwargs = {k: {n: t.to(device) for n, t in v.items()} for k, v in kwargs.items()}
     return unet.eval().to(device), latent.to(device), context.to(device), kwargs

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from districompile.unets import TINY_SD15, TINY_SDXL, pooled_dim, sdxl_time_ids
+
 SEED = 0
 
 
@@ -32,20 +34,6 @@ def as_tensor(output):
 # rank running only the hand-written models would otherwise pay.
 
 
-# An SD-1.5-like UNet2DConditionModel (cross-attention on 32-wide text), at a fraction of its width.
-TINY_SD15 = dict(
-    in_channels=4,
-    out_channels=4,
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=32,
-    attention_head_dim=8,
-    norm_num_groups=8,
-)
-
-
 def tiny_sd15_unet(height=32, width=32, batch=1):
     from diffusers import UNet2DConditionModel
 
@@ -54,7 +42,7 @@ def tiny_sd15_unet(height=32, width=32, batch=1):
         args = (
             torch.randn(batch, 4, height, width),
             torch.tensor(500),
-            torch.randn(batch, 7, 32),
+            torch.randn(batch, 7, TINY_SD15["cross_attention_dim"]),
         )
     return model, args, {}
 
@@ -62,38 +50,17 @@ def tiny_sd15_unet(height=32, width=32, batch=1):
 def tiny_sdxl_unet(height=32, width=32, batch=1):
     from diffusers import UNet2DConditionModel
 
-    time_embed_dim, text_embed_dim = 8, 32
     with _seeded():
-        model = UNet2DConditionModel(
-            sample_size=(height, width),
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(32, 64, 64),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            transformer_layers_per_block=(1, 1, 2),
-            attention_head_dim=(2, 4, 4),
-            use_linear_projection=True,
-            cross_attention_dim=32,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=time_embed_dim,
-            # Six time ids, each embedded to time_embed_dim, concatenated with the pooled text embedding.
-            projection_class_embeddings_input_dim=6 * time_embed_dim + text_embed_dim,
-            norm_num_groups=8,
-        ).eval()
+        model = UNet2DConditionModel(sample_size=(height, width), **TINY_SDXL).eval()
         args = (
             torch.randn(batch, 4, height, width),
             torch.tensor(500),
-            torch.randn(batch, 7, 32),
+            torch.randn(batch, 7, TINY_SDXL["cross_attention_dim"]),
         )
-        # SDXL's micro-conditioning in pixels: original size, crop top-left, target size.
-        pixel_h, pixel_w = 8 * height, 8 * width
-        time_ids = torch.tensor([[pixel_h, pixel_w, 0, 0, pixel_h, pixel_w]], dtype=torch.float32)
         kwargs = {
             "added_cond_kwargs": {
-                "text_embeds": torch.randn(batch, text_embed_dim),
-                "time_ids": time_ids.repeat(batch, 1),
+                "text_embeds": torch.randn(batch, pooled_dim(TINY_SDXL)),
+                "time_ids": sdxl_time_ids(batch, height, width),
             }
         }
     return model, args, kwargs

@@ -5,9 +5,9 @@ import pytest
 import torch
 from checks import relative_error
 from dist import run_ranks
-from models import TINY_SD15
 
 import districompile
+from districompile.unets import TINY_SD15
 
 WORLD = 2
 SEED = 0

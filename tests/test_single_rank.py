@@ -5,6 +5,9 @@ On one rank a halo is only padding and a statistics all-gather has one block, so
 which is what lets one GPU check a replayed steady phase (gpu_tests/test_gpu.py).
 """
 
+import logging
+import re
+
 import torch
 from checks import exchanges, relative_error
 from dist import run_ranks
@@ -15,7 +18,19 @@ import districompile
 TIMESTEPS = (900, 800, 700, 600)
 
 
+class Messages(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
 def _run(rank, world_size):
+    runtime_log, messages = logging.getLogger("districompile.runtime"), Messages()
+    runtime_log.setLevel(logging.INFO)
+    runtime_log.addHandler(messages)
     model, (x, _, context), kwargs = tiny_sdxl_unet()
     with torch.no_grad():
         expected = [as_tensor(model(x, torch.tensor(t), context, **kwargs)) for t in TIMESTEPS]
@@ -29,11 +44,11 @@ def _run(rank, world_size):
             programs = [p for p in (trajectory.warmup, trajectory.steady) if p is not None]
             results[mode] = (outputs, [exchanges(p) for p in programs])
             torch._dynamo.reset()
-    return expected, results
+    return expected, results, messages.messages
 
 
 def test_single_rank_exchanges():
-    ((expected, results),) = run_ranks(_run, 1)
+    ((expected, results, messages),) = run_ranks(_run, 1)
 
     outputs, (program,) = results["full_sync"]
     # Gathers of a single block are left out; halos (edge padding) and statistics stay.
@@ -45,3 +60,10 @@ def test_single_rank_exchanges():
     assert relative_error(outputs[0], expected[0]) < 1e-5  # the warm-up call is synchronous
     assert all(relative_error(out, ref) > 1e-4 for out, ref in zip(outputs[1:], expected[1:]))
     assert steady[-1][0] == "join" and "join" not in {kind for kind, *_ in warmup}
+
+
+    # Progress on long work: each phase's lowering is logged as it starts and when it is done.
+    started = [re.fullmatch(r"districompile: lowering the (\S+) phase \(\d+ nodes, eager\)", m) for m in messages]
+    done = [re.fullmatch(r"districompile: lowered the (\S+) phase in \d+\.\d s", m) for m in messages]
+    assert [m.group(1) for m in started if m] == ["synchronous", "warm-up", "steady"]
+    assert [m.group(1) for m in done if m] == ["synchronous", "warm-up", "steady"]

@@ -1,0 +1,78 @@
+"""UNet architectures as ``diffusers.UNet2DConditionModel`` configs: SDXL's, full size or scaled
+down, and a tiny SD-1.5.
+
+No weights can be downloaded where districompile's examples, benchmarks and tests run, so they
+build these architectures with random weights. Here are the configs and SDXL's micro-conditioning
+input, written once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def sdxl_config(
+    widths=(320, 640, 1280),
+    layers_per_block: int = 2,
+    transformer_layers=(1, 2, 10),
+    heads=(5, 10, 20),
+    text_dim: int = 2048,
+    pooled_dim: int = 1280,
+    time_embed_dim: int = 256,
+    groups: int = 32,
+) -> dict:
+    """SDXL's block types and text_time conditioning; the defaults are SDXL's own sizes.
+
+    ``heads`` goes to ``attention_head_dim``, which diffusers reads as the number of heads.
+    """
+    return dict(
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=tuple(widths),
+        layers_per_block=layers_per_block,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=tuple(transformer_layers),
+        attention_head_dim=tuple(heads),
+        use_linear_projection=True,
+        cross_attention_dim=text_dim,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        # Six time ids, each embedded to time_embed_dim, concatenated with the pooled text embedding.
+        projection_class_embeddings_input_dim=6 * time_embed_dim + pooled_dim,
+        norm_num_groups=groups,
+    )
+
+
+SDXL = sdxl_config()
+
+
+def pooled_dim(config: dict) -> int:
+    """The width of the pooled text embedding (``text_embeds``) a text_time config takes."""
+    return config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+
+
+def sdxl_time_ids(batch: int, height: int, width: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """SDXL's micro-conditioning for a latent of ``height`` x ``width``: original size, crop
+    corner and target size, in pixels (8 per latent row or column)."""
+    pixel_h, pixel_w = 8 * height, 8 * width
+    return torch.tensor([[pixel_h, pixel_w, 0, 0, pixel_h, pixel_w]] * batch, device=device, dtype=dtype)
+
+# Scaled down for CPU runs: every level, block type and conditioning path of SDXL, at widths of 32-64.
+TINY_SDXL = sdxl_config(
+    widths=(32, 64, 64), layers_per_block=1, transformer_layers=(1, 1, 2), heads=(2, 4, 4),
+    text_dim=32, pooled_dim=32, time_embed_dim=8, groups=8,
+)
+
+# SD-1.5's layout (cross-attention on the text from the first level, no text_time conditioning), tiny.
+TINY_SD15 = dict(
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=8,
+)
