@@ -89,7 +89,7 @@ def explain(model, *args, world_size: int, verbose: bool = True, **options) -> E
     batch_plan = plan_batch_split(gm, inputs, spatial, world_size, config)
     if batch_plan is not None:  # plan what one half of the ranks runs
         gm, inputs, world_size = batch_plan.program(0), batch_plan.half_inputs(inputs, 0), world_size // 2
-    model_plan = plan(gm, inputs, spatial, world_size, config.exchanges)
+    model_plan = plan(gm, inputs, spatial, world_size, config.exchanges, config.single_rank_exchanges)
     prop = model_plan.propagation
     report = ExplainReport(
         world_size, model_plan.split.bounds, prop.exchanges, prop.fallbacks, model_plan, inputs, batch_plan is not None

@@ -67,3 +67,12 @@ def test_single_rank_exchanges():
     done = [re.fullmatch(r"districompile: lowered the (\S+) phase in \d+\.\d s", m) for m in messages]
     assert [m.group(1) for m in started if m] == ["synchronous", "warm-up", "steady"]
     assert [m.group(1) for m in done if m] == ["synchronous", "warm-up", "steady"]
+
+
+def test_explain_plans_single_rank_exchanges():
+    model, args, kwargs = tiny_sdxl_unet()
+    kinds = {
+        keep: {e.kind for e in districompile.explain(model, *args, world_size=1, verbose=False, single_rank_exchanges=keep, **kwargs).exchanges}
+        for keep in (False, True)
+    }
+    assert "stats_allgather" not in kinds[False] and "stats_allgather" in kinds[True]
