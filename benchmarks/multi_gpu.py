@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import time
 
 import torch
 import torch.distributed as dist
-from unet_bench import build, output, relative_error
+from unet_bench import build, device_name, output, print_table, sync
 
 import districompile
+from districompile.metrics import psnr, relative_error
 
 GUIDANCE = 5.0
 
@@ -45,17 +45,6 @@ def parse_args():
                         help="the single-device baseline: torch.compile mode, or the uncompiled UNet")
     parser.add_argument("--out", help="folder for the JSON table")
     return parser.parse_args()
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def psnr(out, reference) -> float:
-    out, reference = out.double(), reference.double()
-    mse = (out - reference).pow(2).mean().item()
-    return math.inf if mse == 0 else 10 * math.log10((reference.max() - reference.min()).item() ** 2 / mse)
 
 
 def ddim_trajectory(unet, latents, context, added, steps, reset=None):
@@ -170,13 +159,8 @@ def main():
             torch.cuda.empty_cache()
 
     if rank == 0:
-        columns = list(dict.fromkeys(k for row in rows for k in row))
-        print(f"\n{opts.model}, {opts.dtype}, {world} x {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, "
-              f"baseline {opts.baseline}, lowering {opts.lowering}, torch {torch.__version__}")
-        print(f"| {' | '.join(columns)} |")
-        print("|" + "---|" * len(columns))
-        for row in rows:
-            print("| " + " | ".join(f"{row[k]:.3g}" if isinstance(row.get(k), float) else str(row.get(k, "")) for k in columns) + " |")
+        print_table(rows, f"{opts.model}, {opts.dtype}, {world} x {device_name(device)}, baseline {opts.baseline}, "
+                          f"lowering {opts.lowering}, torch {torch.__version__}")
         if opts.out:
             os.makedirs(opts.out, exist_ok=True)
             with open(os.path.join(opts.out, f"multi_gpu_{world}.json"), "w") as f:

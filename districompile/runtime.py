@@ -12,7 +12,7 @@ import torch.fx as fx
 
 from . import displaced
 from .backends.cudagraphs import PhaseGraph
-from .backends.lowering import lower
+from .backends.lowering import lower, on_cuda
 from .batch_split import BatchSplit, batch_split
 from .compiler import plan
 from .config import DistriConfig
@@ -123,7 +123,7 @@ class DistriRuntime:
         # Stale values need one synchronous call to exist.
         warmup_steps = max(self.config.warmup_steps, 1)
         # The phases share one CUDA graph memory pool: they never run at once.
-        pool = torch.cuda.graph_pool_handle() if any(isinstance(a, torch.Tensor) and a.is_cuda for a in args) else None
+        pool = torch.cuda.graph_pool_handle() if on_cuda(args) else None
         return Trajectory(
             self._lower(warmup, args, "warm-up", pool), self._lower(steady, args, "steady", pool), state_id, warmup_steps,
             split,

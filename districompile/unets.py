@@ -45,6 +45,11 @@ def sdxl_config(
 
 
 SDXL = sdxl_config()
+# Scaled down for CPU runs: every level, block type and conditioning path of SDXL, at widths of 32-64.
+TINY_SDXL = sdxl_config(
+    widths=(32, 64, 64), layers_per_block=1, transformer_layers=(1, 1, 2), heads=(2, 4, 4),
+    text_dim=32, pooled_dim=32, time_embed_dim=8, groups=8,
+)
 
 
 def pooled_dim(config: dict) -> int:
@@ -58,11 +63,6 @@ def sdxl_time_ids(batch: int, height: int, width: int, device=None, dtype=torch.
     pixel_h, pixel_w = 8 * height, 8 * width
     return torch.tensor([[pixel_h, pixel_w, 0, 0, pixel_h, pixel_w]] * batch, device=device, dtype=dtype)
 
-# Scaled down for CPU runs: every level, block type and conditioning path of SDXL, at widths of 32-64.
-TINY_SDXL = sdxl_config(
-    widths=(32, 64, 64), layers_per_block=1, transformer_layers=(1, 1, 2), heads=(2, 4, 4),
-    text_dim=32, pooled_dim=32, time_embed_dim=8, groups=8,
-)
 
 # SD-1.5's layout (cross-attention on the text from the first level, no text_time conditioning), tiny.
 TINY_SD15 = dict(

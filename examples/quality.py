@@ -15,6 +15,7 @@ import math
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
+from districompile.metrics import psnr
 from districompile.unets import TINY_SD15, TINY_SDXL, pooled_dim, sdxl_time_ids
 from launch import launch
 
@@ -73,12 +74,6 @@ def trajectory(unet, latent, context, kwargs, steps):
             eps = unet(latent, t, context, **kwargs).sample
             latent = scheduler.step(eps, t, latent).prev_sample
     return latent
-
-
-def psnr(out, ref) -> float:
-    """In dB, with the reference latent's range as the peak."""
-    mse = (out - ref).pow(2).mean().item()
-    return math.inf if mse == 0 else 10 * math.log10((ref.max() - ref.min()).item() ** 2 / mse)
 
 
 def configurations():

@@ -18,11 +18,11 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from checks import relative_error  # noqa: E402
 from models import as_tensor, tiny_sdxl_unet  # noqa: E402
 
 import districompile  # noqa: E402
 from districompile.config import DistriConfig  # noqa: E402
+from districompile.metrics import relative_error  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -14,13 +14,14 @@ import logging
 import pytest
 import torch
 import torch.distributed as dist
-from checks import exchanges, psnr, relative_error
+from checks import exchanges
 from dist import run_ranks
 from models import as_tensor, hand_unet_a, hand_unet_b, tiny_sd15_unet, tiny_sdxl_unet
 from torch import nn
 
 import districompile
 from districompile.backends.distri import distri_backend
+from districompile.metrics import psnr, relative_error
 
 TOLERANCE = 1e-4
 FULL_SYNC = {"sync_mode": "full_sync", "lowering": "eager"}

@@ -9,11 +9,12 @@ of the programs; the tests check them.
 
 import pytest
 import torch
-from checks import exchanges, psnr, relative_error
+from checks import exchanges
 from dist import run_ranks
 from models import as_tensor, tiny_sd15_unet
 
 import districompile
+from districompile.metrics import psnr, relative_error
 
 TOLERANCE = 1e-4
 WORLD = 2

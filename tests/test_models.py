@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from checks import relative_error
 from dist import run_ranks
 from models import FACTORIES, as_tensor, hand_unet_a, tiny_sd15_unet
+
+from districompile.metrics import relative_error
 
 TOLERANCE = 1e-4  # fp32 relative error: max |distri - eager| / max |eager|
 

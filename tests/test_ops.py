@@ -12,9 +12,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from checks import relative_error
 from dist import run_ranks
 from torch import nn
+
+from districompile.metrics import relative_error
 
 TOLERANCE = 1e-4
 # Batches of 2 at even worlds would be split between two halves of the ranks (split_batch):

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 import torch
-from checks import relative_error
 from dist import run_ranks
 
 import districompile
+from districompile.metrics import relative_error
 from districompile.unets import TINY_SD15
 
 WORLD = 2

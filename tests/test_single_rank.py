@@ -9,11 +9,12 @@ import logging
 import re
 
 import torch
-from checks import exchanges, relative_error
+from checks import exchanges
 from dist import run_ranks
 from models import as_tensor, tiny_sdxl_unet
 
 import districompile
+from districompile.metrics import relative_error
 
 TIMESTEPS = (900, 800, 700, 600)
 

@@ -12,9 +12,12 @@ from ..config import DistriConfig
 from .cudagraphs import PhaseGraph, capturable
 
 
+def on_cuda(inputs: list) -> bool:
+    return any(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs)
+
+
 def use_cuda_graphs(program: fx.GraphModule, inputs: list, config: DistriConfig) -> bool:
-    on_cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs)
-    if not on_cuda or config.cuda_graphs is False:
+    if not on_cuda(inputs) or config.cuda_graphs is False:
         return False
     names = [n.name for n in program.graph.nodes if n.op == "placeholder"]
     return capturable(inputs, names)
