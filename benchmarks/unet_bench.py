@@ -153,6 +153,7 @@ def run_projection(row, world, unet, args, kwargs, timing, opts):
     if isinstance(run, PhaseGraph):
         row[f"{name} captures/replays"] = f"{run.captures}/{run.replays}"
     row[f"N={world} MiB/call"] = report.total_bytes / 2**20
+    row[f"N={world} exchanges"] = " ".join(f"{kind}:{report.count(kind)}" for kind in sorted({e.kind for e in report.exchanges}))
     # Each rank keeps what it receives at the displaced sites as stale buffers.
     stale = sum(e.bytes_per_call for e in report.exchanges if e.kind in DISPLACED_KINDS) / world
     row[f"N={world} stale MiB/rank"] = stale / 2**20

@@ -34,10 +34,11 @@ def test_unet_bench_on_cpu(tmp_path):
     assert row["distri N=1 steady, exchanges kept rel err"] < 1e-5  # one rank: corrected statistics are exact
     assert 0 < row["N=2 stale MiB/rank"] < row["N=2 MiB/call"]
     assert row["N=4 MiB/call"] > row["N=2 MiB/call"]  # more seams, more K/V from others
+    assert "halo:" in row["N=2 exchanges"] and "stats_allgather:" in row["N=2 exchanges"]
     for key in ("eager ms", "distri N=1 ms", "projected N=2, per rank ms", "projected N=4, per rank ms"):
         assert row[key] > 0
     assert stdout.count("[128/b1/") > 5  # each worker's output, labelled
-    assert "| size | batch |" in stdout.splitlines()[-3]  # the table, printed last
+    assert "| size | batch | eager ms |" in stdout.splitlines()[-3]  # the table, printed last
 
 
 def test_unet_bench_in_one_process(tmp_path):
