@@ -121,7 +121,7 @@ class BatchSplit:
         for i, (spec, shape) in self.batch_plan.batched_outputs.items():
             # A parent's ranks ascend with the global ranks (new_group sorts them): in the pair, half h is rank h.
             canonical = leaves[i].reshape(spec.canonical_shape(shape, spec.split.rows(self.half)))
-            leaves[i] = gather_rows(canonical, list(spec.split.bounds), self.half, self.pair_group.group_name).reshape(shape)
+            leaves[i] = gather_rows(canonical, list(spec.split.bounds), self.half, self.pair_group.group_name, []).reshape(shape)
         return pytree.tree_unflatten(leaves, tree)
 
 

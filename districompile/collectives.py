@@ -1,9 +1,17 @@
-"""Exchange ops between the ranks of one image, as ``torch.library`` custom ops.
+"""Synchronous exchange ops between the ranks of one image, as ``torch.library`` custom ops.
 
 They are opaque to Inductor (a fake implementation gives the output shape), take the
 process group by name, and work on the canonical 4-d view ``(before, outer, rows, after)``
 of a sharded tensor (see ``Shard.canonical_shape``), so one implementation serves every
 layout. Every rank calls every op in the same order, even where it has nothing to send.
+
+Each is a pure function, as its schema says (``mutates_args=()``): it reads its input only
+while it runs and returns a new tensor, with all communication finished. The displaced
+programs' ops, which keep state between calls, are in ``displaced.py``.
+
+Every exchange op, here and there, takes ``after``: tensors that must exist before it runs.
+``passes/sequence.py`` puts the previous exchange's result there, so each rank issues its
+collectives in program order, whatever order Inductor would otherwise pick.
 """
 
 from __future__ import annotations
@@ -14,6 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
+
+aten = torch.ops.aten
 
 ROW_DIM = 2  # the rows of the canonical view
 
@@ -35,7 +45,7 @@ def source_row(row: int, extent: int, pad_mode: int) -> int | None:
     return reflected
 
 
-Segment = tuple[int, int, int]  # (source, first row, row count); source -1: this rank, -2: fill, else a peer
+Segment = tuple[int, int, int]  # (source, first row, row count); source -1: this rank, -2: fill, else a receive
 
 
 @dataclass(frozen=True)
@@ -49,6 +59,12 @@ class HaloPlan:
     sends: tuple[tuple[int, tuple[tuple[int, int], ...]], ...]  # (peer, runs of local rows: (first, count))
     receives: tuple[tuple[int, int], ...]  # (peer, number of rows), received in ascending row order
     segments: tuple[Segment, ...]  # the result, top to bottom
+
+    def send_rows(self) -> list[int]:
+        return [sum(count for _, count in runs) for _, runs in self.sends]
+
+    def receive_rows(self) -> list[int]:
+        return [count for _, count in self.receives]
 
 
 def _runs(rows: list[int]) -> list[tuple[int, int]]:
@@ -92,30 +108,53 @@ def halo_plan(bounds: tuple, need_lo: tuple, need_hi: tuple, rank: int, pad_mode
     return HaloPlan(tuple(sends), tuple(receives), tuple(tuple(s) for s in segments))
 
 
-def _rows(x: torch.Tensor, runs) -> torch.Tensor:
-    return torch.cat([x.narrow(ROW_DIM, first, count) for first, count in runs], ROW_DIM)
+def row_counts(bounds) -> list[int]:
+    return [b - a for a, b in zip(bounds, bounds[1:])]
 
 
-def post_halo(x: torch.Tensor, plan: HaloPlan, pg, into: list[torch.Tensor] | None = None):
-    """Start the sends and receives of ``plan``; returns (receive buffers, works)."""
-    ops, buffers = [], []
-    for i, (peer, count) in enumerate(plan.receives):
-        buffer = into[i] if into is not None else x.new_empty(x.shape[0], x.shape[1], count, x.shape[3])
-        buffers.append(buffer)
-        ops.append(dist.P2POp(dist.irecv, buffer, dist.get_global_rank(pg, peer), pg))
-    for peer, runs in plan.sends:
-        ops.append(dist.P2POp(dist.isend, _rows(x, runs).contiguous(), dist.get_global_rank(pg, peer), pg))
-    return buffers, (dist.batch_isend_irecv(ops) if ops else [])
+# ------------------------------------------------------------------ shared by both families
+# ``call(op, *args)`` runs an ATen op: on tensors (``run``) in the ops below, or emitted as a
+# graph node by the displace pass, which writes the same assembly into the program itself.
 
 
-def assemble_halo(x: torch.Tensor, plan: HaloPlan, received: list[torch.Tensor], fill: float) -> torch.Tensor:
+def run(op, *args, **kwargs):
+    return op(*args, **kwargs)
+
+
+def assemble_halo(call, x, shape, plan: HaloPlan, received: list, fill: float, dtype, device):
+    """The fetched rows, top to bottom: this rank's (``x``), received ones and edge fill."""
     pieces = []
     for source, first, count in plan.segments:
         if source == -2:
-            pieces.append(x.new_full((x.shape[0], x.shape[1], count, x.shape[3]), fill))
+            piece_shape = [shape[0], shape[1], count, shape[3]]
+            pieces.append(call(aten.full.default, piece_shape, fill, dtype=dtype, device=device))
         else:
-            pieces.append((x if source == -1 else received[source]).narrow(ROW_DIM, first, count))
-    return torch.cat(pieces, ROW_DIM)
+            pieces.append(call(aten.slice.Tensor, x if source == -1 else received[source], ROW_DIM, first, first + count))
+    return call(aten.cat.default, pieces, ROW_DIM)
+
+
+def join_blocks(call, blocks: list, bounds) -> object:
+    """Every rank's row block (each padded to the largest), cut to its rows and joined."""
+    return call(aten.cat.default, [call(aten.slice.Tensor, b, ROW_DIM, 0, n) for b, n in zip(blocks, row_counts(bounds))], ROW_DIM)
+
+
+def pack_rows(x: torch.Tensor, runs, out: torch.Tensor) -> torch.Tensor:
+    """The ``runs`` of ``x``'s rows, one after another, written into ``out``."""
+    return torch.cat([x.narrow(ROW_DIM, first, count) for first, count in runs], ROW_DIM, out=out)
+
+
+# torch 2.13 renamed all_gather_into_tensor (deprecated there); torch 2.11 has only the old name.
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def post_p2p(receives, sends, pg) -> list:
+    """Start point-to-point messages: ``receives`` and ``sends`` are (peer, tensor) pairs."""
+    ops = [dist.P2POp(dist.irecv, t, dist.get_global_rank(pg, peer), pg) for peer, t in receives]
+    ops += [dist.P2POp(dist.isend, t, dist.get_global_rank(pg, peer), pg) for peer, t in sends]
+    return dist.batch_isend_irecv(ops) if ops else []
+
+
+# ------------------------------------------------------------------ synchronous ops
 
 
 @torch.library.custom_op("districompile::fetch_rows", mutates_args=())
@@ -128,6 +167,7 @@ def fetch_rows(
     pad_mode: int,
     fill: float,
     group: str,
+    after: list[torch.Tensor],
 ) -> torch.Tensor:
     """Rows ``need_lo[rank]:need_hi[rank]`` of the whole image, this rank holding ``bounds[rank]:bounds[rank+1]``.
 
@@ -135,71 +175,63 @@ def fetch_rows(
     are padded (``pad_mode``). Each rank also sends the rows the others need from it.
     """
     plan = halo_plan(tuple(bounds), tuple(need_lo), tuple(need_hi), rank, pad_mode)
-    received, works = post_halo(x, plan, _resolve_process_group(group))
-    for work in works:
+    b, o, _, a = x.shape
+    received = [x.new_empty(b, o, count, a) for count in plan.receive_rows()]
+    sends = [(peer, pack_rows(x, runs, x.new_empty(b, o, count, a))) for (peer, runs), count in zip(plan.sends, plan.send_rows())]
+    for work in post_p2p([(peer, t) for (peer, _), t in zip(plan.receives, received)], sends, _resolve_process_group(group)):
         work.wait()
-    return assemble_halo(x, plan, received, fill)
+    return assemble_halo(run, x, x.shape, plan, received, fill, x.dtype, x.device)
 
 
 @fetch_rows.register_fake
-def _(x, bounds, need_lo, need_hi, rank, pad_mode, fill, group):
+def _(x, bounds, need_lo, need_hi, rank, pad_mode, fill, group, after):
     return x.new_empty(x.shape[0], x.shape[1], need_hi[rank] - need_lo[rank], x.shape[3])
 
 
-def row_counts(bounds) -> list[int]:
-    return [b - a for a, b in zip(bounds, bounds[1:])]
-
-
-def post_row_gather(x: torch.Tensor, bounds, pg, into: list[torch.Tensor] | None = None):
-    """Start an all-gather of every rank's row block (padded to the largest); returns (blocks, work)."""
-    most = max(row_counts(bounds))
-    if x.shape[ROW_DIM] < most:  # all-gather wants equal blocks
-        x = torch.cat([x, x.new_zeros(x.shape[0], x.shape[1], most - x.shape[ROW_DIM], x.shape[3])], ROW_DIM)
-    blocks = into if into is not None else [torch.empty_like(x) for _ in range(len(bounds) - 1)]
-    return blocks, dist.all_gather(blocks, x.contiguous(), group=pg, async_op=True)
-
-
-def join_rows(blocks, bounds) -> torch.Tensor:
-    return torch.cat([block[:, :, :count] for block, count in zip(blocks, row_counts(bounds))], ROW_DIM)
+def padded_block(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x`` with zero rows appended up to ``rows`` (all-gathers want equal blocks)."""
+    return torch.nn.functional.pad(x, (0, 0, 0, rows - x.shape[ROW_DIM])) if x.shape[ROW_DIM] < rows else x.contiguous()
 
 
 @torch.library.custom_op("districompile::gather_rows", mutates_args=())
-def gather_rows(x: torch.Tensor, bounds: list[int], rank: int, group: str) -> torch.Tensor:
+def gather_rows(x: torch.Tensor, bounds: list[int], rank: int, group: str, after: list[torch.Tensor]) -> torch.Tensor:
     """All rows of the image on every rank: an all-gather of uneven row blocks."""
-    blocks, work = post_row_gather(x, bounds, _resolve_process_group(group))
-    work.wait()
-    return join_rows(blocks, bounds)
+    block = padded_block(x, max(row_counts(bounds)))
+    world = len(bounds) - 1
+    gathered = block.new_empty(world * block.numel())  # flat: gloo takes no stacked output
+    all_gather_single(gathered, block.view(-1), group=_resolve_process_group(group))
+    return join_blocks(run, list(gathered.view(world, *block.shape).unbind(0)), bounds)
 
 
 @gather_rows.register_fake
-def _(x, bounds, rank, group):
+def _(x, bounds, rank, group, after):
     return x.new_empty(x.shape[0], x.shape[1], bounds[-1], x.shape[3])
 
 
 @torch.library.custom_op("districompile::all_gather_stack", mutates_args=())
-def all_gather_stack(x: torch.Tensor, world: int, group: str) -> torch.Tensor:
+def all_gather_stack(x: torch.Tensor, world: int, group: str, after: list[torch.Tensor]) -> torch.Tensor:
     """Every rank's ``x`` (same shape everywhere), stacked along a new leading dimension."""
-    blocks = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(blocks, x.contiguous(), group=_resolve_process_group(group))
-    return torch.stack(blocks)
+    out = x.new_empty(world * x.numel())
+    all_gather_single(out, x.reshape(-1), group=_resolve_process_group(group))
+    return out.view(world, *x.shape)
 
 
 @all_gather_stack.register_fake
-def _(x, world, group):
+def _(x, world, group, after):
     return x.new_empty(world, *x.shape)
 
 
-_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 
 @torch.library.custom_op("districompile::all_reduce", mutates_args=())
-def all_reduce(x: torch.Tensor, op: str, group: str) -> torch.Tensor:
+def all_reduce(x: torch.Tensor, op: str, group: str, after: list[torch.Tensor]) -> torch.Tensor:
     """The elementwise ``op`` of ``x`` over all ranks."""
     out = x.contiguous().clone()
-    dist.all_reduce(out, op=_REDUCE_OPS[op], group=_resolve_process_group(group))
+    dist.all_reduce(out, op=REDUCE_OPS[op], group=_resolve_process_group(group))
     return out
 
 
 @all_reduce.register_fake
-def _(x, op, group):
+def _(x, op, group, after):
     return torch.empty_like(x)

@@ -1,202 +1,168 @@
-"""Displaced exchanges: use the neighbours' values from the previous call, send this call's for the next.
+"""Displaced exchanges: the ops that fill an exchange site's stale buffers, and the join.
 
-Each exchange site of a compiled program owns persistent buffers in an ``ExchangeState``.
-In the warm-up phase the ``*_displaced`` ops exchange synchronously into those buffers; in the
-steady phase they build their result from the buffers (the previous call's values) and this
-rank's fresh ones, then start this call's exchange into the same buffers, behind the rest of
-the call's compute. ``join_exchanges``, the steady program's last op, waits for them.
+A displaced program (``passes/displace.py``) takes two flat buffers per exchange site as
+inputs, allocated by the runtime that owns them (``allocate_buffers``): ``send``, what this
+rank sent at its last call, and ``recv``, what it received. The ops here declare both as
+mutated, so the compiler knows that they write them:
 
-Buffers are allocated once (the first warm-up call) and then only written in place, and no
-exchange is left in flight between calls, so a phase can be captured as a CUDA graph: a
-replay reads and writes the same buffers, and the collectives and their joins are inside it.
-Reading a buffer is ordered before the collective that overwrites it: the read is queued
-first on the compute stream, and a collective starts after the work queued before it.
+- warm-up (``wait=True``): the op exchanges synchronously; the program then reads the fresh
+  values out of ``recv``;
+- steady (``wait=False``): the program first reads the previous call's values out of the
+  buffers, and the op takes that read in ``after``: a data dependency, so it runs after the
+  read whatever the scheduler does. It then starts this call's exchange into the buffers and
+  returns a token; c10d's work registry holds the exchange's works against the token, and
+  ``join_exchanges``, the program's last op, waits for them. No exchange is in flight between
+  calls, so each phase can be one CUDA graph.
+
+Between a steady op's return and the join, the collective writes the buffers while nothing in
+the program touches them: the reads come before, the next call after the join. The ops accept
+only the buffers the runtime allocated: a compiler that handed them a copy (as Inductor may for
+a mutated input that is read after the mutation) would have the exchange land in the copy, so
+they stop with an error instead of returning a wrong image.
 """
 
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass, field
+import math
 
 import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
-from .collectives import _REDUCE_OPS, assemble_halo, halo_plan, join_rows, post_halo, post_row_gather
+from .collectives import (
+    REDUCE_OPS,
+    all_gather_single,
+    halo_plan,
+    pack_rows,
+    post_p2p,
+    run,
+)
+from .errors import DistriCompileError
+
+aten = torch.ops.aten
+
+_OWNED = "_districompile_exchange_buffer"  # marks the buffers the runtime allocated
 
 
-@dataclass
-class Site:
-    buffers: object = None
-    works: list = field(default_factory=list)
+def allocate_buffers(specs: list[tuple[int, torch.dtype, torch.device]]) -> list[torch.Tensor]:
+    """One flat buffer per ``(numel, dtype, device)``: the exchange state of one compiled shape."""
+    buffers = []
+    for numel, dtype, device in specs:
+        buffer = torch.empty(numel, dtype=dtype, device=device)
+        setattr(buffer, _OWNED, True)
+        buffers.append(buffer)
+    return buffers
 
-    def wait(self):
-        for work in self.works:
+
+def _check_owned(op: str, *buffers: torch.Tensor):
+    for buffer in buffers:
+        base = buffer if buffer._base is None else buffer._base
+        if not getattr(base, _OWNED, False):
+            raise DistriCompileError(
+                f"districompile::{op} was handed a copy of its exchange buffer, not the buffer the runtime "
+                "owns: the compiler did not keep the buffer's mutation in place, and the exchange would be "
+                "lost. Report this with your torch version; lowering='eager' avoids it"
+            )
+
+
+def chunks(call, flat, shapes: list[list[int]]) -> list:
+    """Consecutive views of a flat buffer, one per shape (``call`` as in ``collectives``)."""
+    views, offset = [], 0
+    for shape in shapes:
+        size = math.prod(shape)
+        views.append(call(aten.view.default, call(aten.slice.Tensor, flat, 0, offset, offset + size), shape))
+        offset += size
+    return views
+
+
+def halo_shapes(shape, counts: list[int]) -> list[list[int]]:
+    return [[shape[0], shape[1], count, shape[3]] for count in counts]
+
+
+def _started(works: list, wait: bool, like: torch.Tensor) -> torch.Tensor:
+    """The op's token: the works are finished (``wait``) or registered against it for the join."""
+    token = like.new_empty(0)
+    for work in works:
+        if wait:
             work.wait()
-        self.works = []
+        else:
+            torch._C._distributed_c10d._register_work(token, work)
+    return token
 
 
-class ExchangeState:
-    """The stale buffers of one compiled program, by site number."""
-
-    def __init__(self):
-        self.sites: dict[int, Site] = {}
-
-    def site(self, number: int) -> Site:
-        return self.sites.setdefault(number, Site())
-
-    def join(self):
-        """Wait for every exchange in flight (on CUDA: the current stream waits for them)."""
-        for site in self.sites.values():
-            site.wait()
-
-
-_STATES: dict[int, ExchangeState] = {}
-_ids = itertools.count()
-
-
-def new_state() -> int:
-    number = next(_ids)
-    _STATES[number] = ExchangeState()
-    return number
-
-
-def state(number: int) -> ExchangeState:
-    return _STATES[number]
-
-
-def _site(state_id: int, site: int, stale: bool) -> Site:
-    entry = _STATES[state_id].site(site)
-    if stale and entry.buffers is None:
-        raise RuntimeError("districompile: a steady-phase call ran before any warm-up call filled its buffers")
-    return entry
-
-
-@torch.library.custom_op("districompile::fetch_rows_displaced", mutates_args=())
-def fetch_rows_displaced(
-    x: torch.Tensor, bounds: list[int], need_lo: list[int], need_hi: list[int], rank: int, pad_mode: int,
-    fill: float, group: str, state_id: int, site: int, stale: bool,
+@torch.library.custom_op("districompile::exchange_rows", mutates_args=("send", "recv"))
+def exchange_rows(
+    x: torch.Tensor, send: torch.Tensor, recv: torch.Tensor, bounds: list[int], need_lo: list[int],
+    need_hi: list[int], rank: int, pad_mode: int, group: str, wait: bool, after: list[torch.Tensor],
 ) -> torch.Tensor:
-    """``fetch_rows`` whose rows from other ranks are those of the previous call once ``stale``."""
+    """Send the rows of ``x`` that other ranks fetch (``collectives.fetch_rows``) from ``send``; receive theirs into ``recv``."""
+    _check_owned("exchange_rows", send, recv)
     plan = halo_plan(tuple(bounds), tuple(need_lo), tuple(need_hi), rank, pad_mode)
-    pg = _resolve_process_group(group)
-    entry = _site(state_id, site, stale)
-    if not stale:
-        entry.buffers, works = post_halo(x, plan, pg, into=entry.buffers)
-        for work in works:
-            work.wait()
-        return assemble_halo(x, plan, entry.buffers, fill)
-    out = assemble_halo(x, plan, entry.buffers, fill)
-    _, entry.works = post_halo(x, plan, pg, into=entry.buffers)
-    return out
+    outgoing = chunks(run, send, halo_shapes(x.shape, plan.send_rows()))
+    incoming = chunks(run, recv, halo_shapes(x.shape, plan.receive_rows()))
+    sends = [(peer, pack_rows(x, runs, chunk)) for (peer, runs), chunk in zip(plan.sends, outgoing)]
+    receives = [(peer, chunk) for (peer, _), chunk in zip(plan.receives, incoming)]
+    return _started(post_p2p(receives, sends, _resolve_process_group(group)), wait, x)
 
 
-@fetch_rows_displaced.register_fake
-def _(x, bounds, need_lo, need_hi, rank, pad_mode, fill, group, state_id, site, stale):
-    return x.new_empty(x.shape[0], x.shape[1], need_hi[rank] - need_lo[rank], x.shape[3])
-
-
-@torch.library.custom_op("districompile::gather_rows_displaced", mutates_args=())
-def gather_rows_displaced(
-    x: torch.Tensor, bounds: list[int], rank: int, group: str, state_id: int, site: int, stale: bool
+@torch.library.custom_op("districompile::exchange_blocks", mutates_args=("send", "recv"))
+def exchange_blocks(
+    x: torch.Tensor, send: torch.Tensor, recv: torch.Tensor, rows: int, group: str, wait: bool,
+    after: list[torch.Tensor],
 ) -> torch.Tensor:
-    """``gather_rows`` with the other ranks' rows from the previous call once ``stale``."""
-    pg = _resolve_process_group(group)
-    entry = _site(state_id, site, stale)
-    if not stale:
-        entry.buffers, work = post_row_gather(x, bounds, pg, into=entry.buffers)
-        work.wait()
-        return join_rows(entry.buffers, bounds)
-    blocks = list(entry.buffers)
-    blocks[rank] = torch.nn.functional.pad(x, (0, 0, 0, blocks[rank].shape[2] - x.shape[2]))
-    out = join_rows(blocks, bounds)
-    _, work = post_row_gather(x, bounds, pg, into=entry.buffers)
-    entry.works = [work]
-    return out
+    """All-gather every rank's row block (canonical 4-d, padded to ``rows``) from ``send`` into ``recv``."""
+    _check_owned("exchange_blocks", send, recv)
+    # Rows past x's own are left as they are: readers cut every block to its rank's rows.
+    send.view(x.shape[0], x.shape[1], rows, x.shape[3]).narrow(2, 0, x.shape[2]).copy_(x)
+    work = all_gather_single(recv, send, group=_resolve_process_group(group), async_op=True)
+    return _started([work], wait, x)
 
 
-@gather_rows_displaced.register_fake
-def _(x, bounds, rank, group, state_id, site, stale):
-    return x.new_empty(x.shape[0], x.shape[1], bounds[-1], x.shape[3])
-
-
-# How a stale statistic is combined with this rank's fresh one.
-CORRECTED, STALE, SEPARATE = "corrected", "stale", "separate"
-
-
-@torch.library.custom_op("districompile::all_gather_stack_displaced", mutates_args=())
-def all_gather_stack_displaced(
-    x: torch.Tensor, world: int, rank: int, group: str, state_id: int, site: int, stale: bool, mode: str
+@torch.library.custom_op("districompile::exchange_reduce", mutates_args=("send", "recv"))
+def exchange_reduce(
+    x: torch.Tensor, send: torch.Tensor, recv: torch.Tensor, op: str, group: str, wait: bool,
+    after: list[torch.Tensor],
 ) -> torch.Tensor:
-    """Every rank's statistics, stacked. Once ``stale``: the previous call's, with this rank's
-    entry fresh (``corrected``), all of the previous call (``stale``), or only this rank's
-    (``separate``, the others zero: they drop out of a count-weighted merge)."""
-    pg = _resolve_process_group(group)
-    entry = _site(state_id, site, stale)
-    if not stale:
-        if entry.buffers is None:
-            entry.buffers = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(entry.buffers, x.contiguous(), group=pg)
-        return torch.stack(entry.buffers)
-    if mode == SEPARATE:
-        return torch.stack([x if r == rank else torch.zeros_like(x) for r in range(world)])
-    blocks = list(entry.buffers)
-    if mode == CORRECTED:
-        blocks[rank] = x
-    out = torch.stack(blocks)
-    entry.works = [dist.all_gather(entry.buffers, x.contiguous(), group=pg, async_op=True)]
-    return out
+    """All-reduce ``x`` into ``recv``; ``send`` keeps this rank's part (the corrected mode swaps it out)."""
+    _check_owned("exchange_reduce", send, recv)
+    send.copy_(x.reshape(-1))
+    recv.copy_(send)
+    work = dist.all_reduce(recv, op=REDUCE_OPS[op], group=_resolve_process_group(group), async_op=True)
+    return _started([work], wait, x)
 
 
-@all_gather_stack_displaced.register_fake
-def _(x, world, rank, group, state_id, site, stale, mode):
-    return x.new_empty(world, *x.shape)
+for _op in (exchange_rows, exchange_blocks, exchange_reduce):
+    _op.register_fake(lambda x, *args, **kwargs: x.new_empty(0))
 
 
-@torch.library.custom_op("districompile::all_reduce_displaced", mutates_args=())
-def all_reduce_displaced(
-    x: torch.Tensor, op: str, group: str, state_id: int, site: int, stale: bool, mode: str
-) -> torch.Tensor:
-    """``all_reduce`` from the previous call once ``stale``; ``corrected`` swaps in this rank's
-    fresh part of a sum."""
-    pg = _resolve_process_group(group)
-    entry = _site(state_id, site, stale)
-    if entry.buffers is None:
-        entry.buffers = (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(x))
-    total, own = entry.buffers  # the reduction and this rank's part of it
-    if not stale:
-        total.copy_(x)
-        dist.all_reduce(total, op=_REDUCE_OPS[op], group=pg)
-        own.copy_(x)
-        return total.clone()
-    if mode == CORRECTED and op == "sum":
-        out = total - own + x
-    elif mode == CORRECTED:
-        out = torch.maximum(total, x) if op == "max" else torch.minimum(total, x)
-    else:
-        out = total.clone()
-    total.copy_(x)
-    own.copy_(x)
-    entry.works = [dist.all_reduce(total, op=_REDUCE_OPS[op], group=pg, async_op=True)]
-    return out
+@torch.library.custom_op("districompile::snapshot", mutates_args=())
+def snapshot(buffer: torch.Tensor) -> torch.Tensor:
+    """A copy of a buffer's contents, for a read made of nothing else.
+
+    Inductor treats a plain clone as a no-op: readers would be left on the buffer itself, the
+    exchange would then overwrite it under them, and Inductor would copy the buffer for the
+    exchange instead (which the ops refuse). This copy is opaque, so it stays.
+    """
+    return buffer.clone()
 
 
-@all_reduce_displaced.register_fake
-def _(x, op, group, state_id, site, stale, mode):
-    return torch.empty_like(x)
+@snapshot.register_fake
+def _(buffer):
+    return torch.empty_like(buffer)
 
 
 @torch.library.custom_op("districompile::join_exchanges", mutates_args=())
-def join_exchanges(outputs: list[torch.Tensor], state_id: int) -> list[torch.Tensor]:
-    """The program's outputs, once every exchange this call started has finished.
+def join_exchanges(tokens: list[torch.Tensor], outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The program's outputs, once every exchange this call started (its ``tokens``) has finished.
 
-    Taking the outputs orders it after every exchange op (each one feeds an output, or dead
-    code elimination would have removed it); returning copies keeps it a functional op.
+    On CUDA the stream waits, the host does not. Returning copies keeps it a functional op
+    that the program's outputs depend on, so it is neither dropped nor moved earlier.
     """
-    _STATES[state_id].join()
+    for token in tokens:
+        torch.ops._c10d_functional.wait_tensor(token)
     return [x.clone() for x in outputs]
 
 
 @join_exchanges.register_fake
-def _(outputs, state_id):
+def _(tokens, outputs):
     return [torch.empty_like(x) for x in outputs]

@@ -10,15 +10,16 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 
-from . import displaced
 from .backends.cudagraphs import PhaseGraph
 from .backends.lowering import lower, on_cuda
 from .batch_split import BatchSplit, batch_split
 from .compiler import plan
 from .config import DistriConfig
+from .displaced import allocate_buffers
 from .errors import DistriCompileError
 from .passes.annotate import spatial_inputs
 from .passes.displace import displace
+from .passes.sequence import sequence_exchanges
 
 log = logging.getLogger(__name__)
 torch._logging._internal.register_artifact("distri_graph", "the per-rank program districompile writes", off_by_default=True)
@@ -34,26 +35,40 @@ def _shape_key(args, positions) -> tuple:
 
 
 class Trajectory:
-    """The compiled phases of one input shape and where the current trajectory stands."""
+    """The compiled phases of one input shape, the exchange buffers they share, and where the
+    current trajectory stands.
 
-    def __init__(self, warmup, steady, state_id: int | None, warmup_steps: int, batch_split: BatchSplit | None = None):
-        self.warmup, self.steady, self.state_id = warmup, steady, state_id
+    ``programs`` are the per-rank FX programs by phase ("synchronous", or "warm-up" and
+    "steady"), ``lowered`` the callables that run them. A displaced shape owns its exchange
+    buffers (``buffers``): every phase takes them as its last inputs, and the warm-up writes
+    them before any steady call reads them.
+    """
+
+    def __init__(self, programs: dict, lowered: dict, buffers: list, warmup_steps: int, batch_split: BatchSplit | None):
+        self.programs, self.lowered, self.buffers = programs, lowered, buffers
         self.warmup_steps = warmup_steps
         self.batch_split = batch_split  # None: the phases run the whole batch over the whole group
-        self.calls = 0
+        self.calls = 0  # calls of the current trajectory
+        self.phase_calls = dict.fromkeys(programs, 0)  # over all trajectories
         self.last_timestep: float | None = None
+
+    @property
+    def displaced(self) -> bool:
+        return "steady" in self.programs
 
     def restart(self):
         self.calls = 0
         self.last_timestep = None
-        if self.state_id is not None:
-            displaced.state(self.state_id).join()
 
-    def program(self):
-        """The warm-up program for the first calls of a trajectory, the steady one after."""
-        steady = self.steady is not None and self.calls >= self.warmup_steps
+    def __call__(self, *args):
+        """Run the warm-up program for the first calls of a trajectory, the steady one after."""
+        if not self.displaced:
+            phase = "synchronous"
+        else:
+            phase = "steady" if self.calls >= self.warmup_steps else "warm-up"
         self.calls += 1
-        return self.steady if steady else self.warmup
+        self.phase_calls[phase] += 1
+        return self.lowered[phase](*args, *self.buffers)
 
 
 class DistriRuntime:
@@ -95,12 +110,12 @@ class DistriRuntime:
             )
         return self.config.group or dist.group.WORLD
 
-    def _lower(self, program, args, phase: str, pool=None):
+    def _lower(self, program, args, phase: str, pool, persistent: int):
         self.compilations += 1
         # An SDXL-sized phase takes a minute or more through Inductor: say what is being waited on.
         log.info("districompile: lowering the %s phase (%d nodes, %s)", phase, len(program.graph.nodes), self.config.lowering)
         start = time.perf_counter()
-        lowered = lower(program, list(args), self.config, phase, pool)
+        lowered = lower(program, list(args), self.config, phase, pool, persistent)
         log.info("districompile: lowered the %s phase in %.1f s", phase, time.perf_counter() - start)
         return lowered
 
@@ -114,24 +129,25 @@ class DistriRuntime:
         program = model_plan.program(rank, group.group_name)
         log.info("districompile: rows split %s over %d ranks", list(model_plan.split.bounds), world)
         if not self.displaced:
-            graph_log.debug("districompile rank %d/%d program:\n%s", rank, world, program.print_readable(print_output=False))
-            return Trajectory(self._lower(program, args, "synchronous"), None, None, 0, split)
-        state_id = displaced.new_state()
-        warmup = displace(program, self.config.sync_mode, state_id, stale=False, rank=rank)
-        steady = displace(program, self.config.sync_mode, state_id, stale=True, rank=rank)
-        graph_log.debug("districompile rank %d/%d steady program:\n%s", rank, world, steady.print_readable(print_output=False))
-        # Stale values need one synchronous call to exist.
-        warmup_steps = max(self.config.warmup_steps, 1)
+            programs, buffers, warmup_steps = {"synchronous": program}, [], 0
+        else:
+            phases = displace(program, self.config.sync_mode, rank)
+            programs, buffers = {"warm-up": phases.warmup, "steady": phases.steady}, allocate_buffers(phases.buffers)
+            warmup_steps = max(self.config.warmup_steps, 1)  # stale values need one synchronous call to exist
+        for phase, phase_program in programs.items():
+            sequence_exchanges(phase_program)
+            graph_log.debug(
+                "districompile rank %d/%d %s program:\n%s", rank, world, phase, phase_program.print_readable(print_output=False)
+            )
         # The phases share one CUDA graph memory pool: they never run at once.
-        pool = torch.cuda.graph_pool_handle() if on_cuda(args) else None
-        return Trajectory(
-            self._lower(warmup, args, "warm-up", pool), self._lower(steady, args, "steady", pool), state_id, warmup_steps,
-            split,
-        )
+        pool = torch.cuda.graph_pool_handle() if on_cuda(args) and len(programs) > 1 else None
+        inputs = [*args, *buffers]
+        lowered = {phase: self._lower(p, inputs, phase, pool, len(buffers)) for phase, p in programs.items()}
+        return Trajectory(programs, lowered, buffers, warmup_steps, split)
 
     def graph_counts(self) -> dict[str, int]:
         """CUDA graph captures and replays, and calls run without a graph, over all phases."""
-        phases = [p for t in self.trajectories.values() for p in (t.warmup, t.steady) if isinstance(p, PhaseGraph)]
+        phases = [p for t in self.trajectories.values() for p in t.lowered.values() if isinstance(p, PhaseGraph)]
         return {
             "captures": sum(p.captures for p in phases),
             "replays": sum(p.replays for p in phases),
@@ -159,15 +175,15 @@ class DistriRuntime:
         if key not in self.trajectories:
             self.trajectories[key] = self.compile(args)
         trajectory = self.trajectories[key]
-        if trajectory.steady is not None:
+        if trajectory.displaced:
             timestep = self._timestep(args)
             if timestep is not None and trajectory.last_timestep is not None and timestep > trajectory.last_timestep:
                 trajectory.restart()
             trajectory.last_timestep = timestep
         split = trajectory.batch_split
         if split is None:
-            return trajectory.program()(*args)
-        return split.gather_outputs(trajectory.program()(*split.slice_inputs(args)))
+            return trajectory(*args)
+        return split.gather_outputs(trajectory(*split.slice_inputs(args)))
 
 
 def runtimes(model) -> list[DistriRuntime]:

@@ -1,11 +1,18 @@
-"""Checks on one CUDA GPU (not part of CI, which has none): ``python -m pytest -q gpu_tests``.
+"""Checks on CUDA GPUs (not part of CI, which has none), on one GPU or several:
 
-- ``backend="distri"`` at world 1 (Inductor, a CUDA graph per phase) equals the uncompiled
-  UNet to fp16 tolerance, and its phase is captured once and then replayed.
-- A displaced steady phase replayed as a CUDA graph keeps its stale state right: with the
-  exchange ops kept on one rank (``single_rank_exchanges``; 1-rank NCCL collectives inside the
-  capture) and ``stale_gn`` (GroupNorm statistics of the previous call), the replayed trajectory
-  equals the eager lowering of the same program, call by call, also after ``reset``.
+    python -m pytest -q gpu_tests                                  # one GPU: a 1-rank NCCL group
+    torchrun --nproc-per-node 2 -m pytest -q gpu_tests             # one process per GPU
+
+- ``full_sync`` (Inductor, a CUDA graph per phase) equals the uncompiled UNet on this GPU, and its
+  phase is captured once and then replayed.
+- The invariant of ``tests/test_invariants.py`` on the path users run: Inductor, CUDA graphs,
+  NCCL, batch 2 (with and without the CFG split where the world is even). Called with the same
+  inputs, every call of each displaced mode equals ``full_sync`` (``separate_gn``: in its
+  warm-up, and then the eager lowering of the same program). On one GPU the exchange ops are kept
+  (``single_rank_exchanges``: 1-rank NCCL collectives inside the captures).
+- A displaced steady phase replayed as a CUDA graph keeps its stale state right: with
+  ``stale_gn`` (GroupNorm statistics of the previous call), the replayed trajectory equals the
+  eager lowering of the same program, call by call, also after ``reset``.
 """
 
 import gc
@@ -18,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-from models import as_tensor, tiny_sdxl_unet  # noqa: E402
+from models import as_tensor, micro_unet, tiny_sdxl_unet  # noqa: E402
 
 import districompile  # noqa: E402
 from districompile.config import DistriConfig  # noqa: E402
@@ -26,11 +33,20 @@ from districompile.metrics import relative_error  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
+WARMUP, CALLS = 2, 5
+
 
 @pytest.fixture(scope="module", autouse=True)
-def one_rank_group():
-    store = tempfile.NamedTemporaryFile(delete=False).name
-    dist.init_process_group("nccl", init_method=f"file://{store}", rank=0, world_size=1)
+def process_group():
+    # fp32 comparisons between programs: TF32 convolutions (cuDNN's default) would differ by 5e-4
+    # with the layout each program picks, which is not what these tests are about.
+    torch.backends.cudnn.allow_tf32 = False
+    if "WORLD_SIZE" in os.environ:  # torchrun: one process per GPU
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl")
+    else:
+        store = tempfile.NamedTemporaryFile(delete=False).name
+        dist.init_process_group("nccl", init_method=f"file://{store}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
 
@@ -42,13 +58,10 @@ def fresh_dynamo():
 
 
 def sdxl_on_gpu(dtype, height=64):
-    model, args, kwargs = tiny_sdxl_unet(height=height, width=height)
-    to_gpu = lambda x: x.to("cuda", dtype if x.is_floating_point() else x.dtype)  # noqa: E731
-    kwargs = {"added_cond_kwargs": {k: to_gpu(v) for k, v in kwargs["added_cond_kwargs"].items()}}
-    return model.to("cuda", dtype), [to_gpu(a) for a in args], kwargs
+    return on_gpu(*tiny_sdxl_unet(height=height, width=height), dtype)
 
 
-def test_world1_matches_uncompiled_unet_and_replays():
+def test_full_sync_matches_uncompiled_unet_and_replays():
     fresh_dynamo()
     model, (x, t, context), kwargs = sdxl_on_gpu(torch.float16)
     compiled = torch.compile(model, backend="distri", options={"sync_mode": "full_sync"})
@@ -61,6 +74,65 @@ def test_world1_matches_uncompiled_unet_and_replays():
     (runtime,) = [r for r in districompile.runtimes(model) if r.config.sync_mode == "full_sync"]
     # Call 1 runs eagerly, call 2 captures, every call after the first replays.
     assert runtime.graph_counts() == {"captures": 1, "replays": 3, "eager_calls": 1}
+
+
+def compiled_calls(model, args, kwargs, **options):
+    """``CALLS`` calls with the same inputs, and the runtime's graph counts and calls per phase."""
+    fresh_dynamo()
+    options = {"warmup_steps": WARMUP, "single_rank_exchanges": dist.get_world_size() == 1, **options}
+    compiled = torch.compile(model, backend="distri", options=options)
+    with torch.no_grad():
+        outputs = [as_tensor(compiled(*args, **kwargs)) for _ in range(CALLS)]
+    (runtime,) = [r for r in districompile.runtimes(model) if r.config == DistriConfig.from_options(options)]
+    (trajectory,) = runtime.trajectories.values()
+    return outputs, runtime.graph_counts(), trajectory.phase_calls
+
+
+def on_gpu(model, args, kwargs, dtype):
+    to_gpu = lambda x: x.to("cuda", dtype if x.is_floating_point() else x.dtype)  # noqa: E731
+    return model.to("cuda", dtype), [to_gpu(a) for a in args], torch.utils._pytree.tree_map(to_gpu, kwargs)
+
+
+# The CFG split needs an even world: on one GPU, split_batch=True would run unsplit, as False does.
+SPLITS = (False, True) if int(os.environ.get("WORLD_SIZE", 1)) % 2 == 0 else (False,)
+# Every mode on our micro UNet (it compiles in seconds), the default one on the SDXL-like UNet too.
+CASES = [("micro", mode) for mode in ("corrected_async_gn", "stale_gn", "no_sync", "separate_gn")]
+CASES += [("tiny_sdxl", "corrected_async_gn")]
+
+
+@pytest.fixture(scope="module")
+def batch2():
+    """Per model: the model in fp32 on this GPU at batch 2 (a CFG pair), and ``full_sync``'s first
+    output per ``split_batch`` (built on first use)."""
+    built = {}
+
+    def get(name):
+        if name not in built:
+            factory = {"micro": lambda: micro_unet(height=32, width=32, batch=2), "tiny_sdxl": lambda: tiny_sdxl_unet(batch=2)}[name]
+            model, args, kwargs = on_gpu(*factory(), torch.float32)
+            full_sync = {split: compiled_calls(model, args, kwargs, sync_mode="full_sync", split_batch=split)[0][0] for split in SPLITS}
+            built[name] = model, args, kwargs, full_sync
+        return built[name]
+
+    return get
+
+
+@pytest.mark.parametrize("split_batch", SPLITS, ids=lambda split: f"split_batch={split}")
+@pytest.mark.parametrize("name, mode", CASES)
+def test_every_call_equals_full_sync(batch2, name, mode, split_batch):
+    model, args, kwargs, full_sync = batch2(name)
+    outputs, counts, phases = compiled_calls(model, args, kwargs, sync_mode=mode, split_batch=split_batch)
+    assert phases == {"warm-up": WARMUP, "steady": CALLS - WARMUP}
+    # Each phase: its first call eager, then one capture, then replays.
+    assert counts == {"captures": 2, "replays": CALLS - 2, "eager_calls": 2}
+    if mode == "separate_gn":  # once steady, its own statistics: the same program run eagerly is the reference
+        eager, _, _ = compiled_calls(model, args, kwargs, sync_mode=mode, split_batch=split_batch, lowering="eager", cuda_graphs=False)
+    errors = [
+        relative_error(out, eager[call] if mode == "separate_gn" and call >= WARMUP else full_sync[split_batch])
+        for call, out in enumerate(outputs)
+    ]
+    print(f"\n{name} {mode} split_batch={split_batch}: rel err per call {[f'{e:.1e}' for e in errors]}")
+    assert max(errors) < 1e-4, errors
 
 
 def stale_trajectory(model, x, t_values, context, kwargs, **options):

@@ -66,6 +66,28 @@ def tiny_sdxl_unet(height=32, width=32, batch=1):
     return model, args, kwargs
 
 
+def micro_sd_unet(height=8, width=8, batch=1):
+    """The smallest UNet2DConditionModel: one level (ResNet, transformer block, no resampling), for
+    the Inductor cases, which compile every kernel on a CPU."""
+    from diffusers import UNet2DConditionModel
+
+    with _seeded():
+        model = UNet2DConditionModel(
+            sample_size=(height, width),
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(16,),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D",),
+            up_block_types=("CrossAttnUpBlock2D",),
+            cross_attention_dim=16,
+            attention_head_dim=8,
+            norm_num_groups=4,
+        ).eval()
+        args = (torch.randn(batch, 4, height, width), torch.tensor(500), torch.randn(batch, 5, 16))
+    return model, args, {}
+
+
 def tiny_unet2d(height=32, width=32, batch=1):
     from diffusers import UNet2DModel
 
@@ -195,6 +217,46 @@ class HandUNetB(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v)
         out = self.attn_out(out.permute(0, 2, 1, 3).reshape(b, height * width, c))
         return out.transpose(1, 2).reshape(b, c, height, width)
+
+
+class MicroUNet(nn.Module):
+    """The smallest UNet with every exchange kind: conv halos (stride 1 and 2), GroupNorm
+    statistics, self-attention K/V (einsum and softmax, unlike diffusers' SDPA) and a spatial
+    mean (an all-reduce); a handful of kernels, so Inductor compiles it in seconds on a CPU.
+
+    Inputs: ``x`` (B, 4, H, W), H a multiple of 2, and a timestep: a scalar or one per sample.
+    """
+
+    def __init__(self, channels=8):
+        super().__init__()
+        c = channels
+        self.conv_in = nn.Conv2d(4, c, 3, padding=1)
+        self.time = nn.Linear(1, c)
+        self.norm = nn.GroupNorm(2, c)
+        self.down = nn.Conv2d(c, c, 3, stride=2, padding=1)
+        self.qkv = nn.Linear(c, 3 * c)
+        self.gate = nn.Linear(c, c)
+        self.conv_out = nn.Conv2d(2 * c, 4, 3, padding=1)
+
+    def forward(self, x, timestep):
+        h0 = self.conv_in(x) + self.time(timestep.reshape(-1, 1) / 1000)[:, :, None, None]
+        h = self.down(F.silu(self.norm(h0)))
+        b, c, height, width = h.shape
+        tokens = h.flatten(2).transpose(1, 2)  # (B, H*W, C)
+        q, k, v = self.qkv(tokens).chunk(3, dim=-1)
+        weights = (torch.einsum("bnc,bmc->bnm", q, k) / math.sqrt(c)).softmax(dim=-1)
+        tokens = tokens + torch.einsum("bnm,bmc->bnc", weights, v)
+        tokens = tokens * torch.sigmoid(self.gate(tokens.mean(dim=1)))[:, None]
+        h = tokens.transpose(1, 2).reshape(b, c, height, width)
+        h = F.interpolate(h, scale_factor=2, mode="nearest")
+        return self.conv_out(torch.cat([h, h0], dim=1))
+
+
+def micro_unet(height=12, width=8, batch=1):
+    with _seeded():
+        model = MicroUNet().eval()
+        args = (torch.randn(batch, 4, height, width), torch.tensor(500.0))
+    return model, args, {}
 
 
 def _row_encoding(x):

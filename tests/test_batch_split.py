@@ -14,7 +14,7 @@ import logging
 import pytest
 import torch
 import torch.distributed as dist
-from checks import exchanges
+from checks import dynamo_graph, exchanges
 from dist import run_ranks
 from models import as_tensor, hand_unet_a, hand_unet_b, tiny_sd15_unet, tiny_sdxl_unet
 from torch import nn
@@ -26,19 +26,6 @@ from districompile.metrics import psnr, relative_error
 TOLERANCE = 1e-4
 FULL_SYNC = {"sync_mode": "full_sync", "lowering": "eager"}
 TIMESTEPS = (900, 600, 300)
-
-
-def dynamo_graph(model, args, kwargs):
-    """Dynamo's graph of ``model(*args, **kwargs)`` and its inputs (parameters included)."""
-    captured = {}
-
-    def record(gm, example_inputs):
-        captured.update(gm=gm, inputs=list(example_inputs))
-        return gm.forward
-
-    torch._dynamo.reset()
-    torch.compile(model, backend=record, fullgraph=True)(*args, **kwargs)
-    return captured["gm"], captured["inputs"]
 
 
 def run_backend(gm, inputs, **options):
@@ -56,7 +43,7 @@ def split_summary(trajectory) -> dict | None:
         return None
     named = [
         dict(zip((a.name for a in n.target._schema.arguments), n.args))
-        for n in trajectory.warmup.graph.nodes if "exchange" in n.meta
+        for n in next(iter(trajectory.programs.values())).graph.nodes if "exchange" in n.meta  # warm-up or synchronous
     ]
     return {
         "half": split.half,
@@ -114,7 +101,7 @@ def _run_world4(rank, world_size):
     (runtime,) = districompile.runtimes(model)
     (trajectory,) = runtime.trajectories.values()
     results["displaced"] = {
-        "exact": exact, "displaced": displaced, "steady": exchanges(trajectory.steady), "split": split_summary(trajectory)
+        "exact": exact, "displaced": displaced, "steady": exchanges(trajectory.programs["steady"]), "split": split_summary(trajectory)
     }
 
     # A group of two ranks (the job has four): each of its ranks runs one half of the batch alone.

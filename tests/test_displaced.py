@@ -31,14 +31,31 @@ def trajectory(model, x, context, timesteps):
     return x
 
 
+def ordering(program) -> list[tuple]:
+    """Per exchange op: ``(kind, its "after" inputs as kinds, its buffer inputs)``, in program order.
+
+    An ``after`` input is the previous exchange (its kind) or this site's read ("read"); buffer
+    inputs are placeholders ("send", "recv")."""
+    rows = []
+    for node in program.graph.nodes:
+        if node.meta.get("exchange") not in (None, "join"):
+            *_, after = node.args
+            kinds = ["read" if "exchange_read" in a.meta else a.meta["exchange"] for a in after]
+            buffers = [a.meta["exchange_buffer"] for a in node.args if isinstance(a, torch.fx.Node) and "exchange_buffer" in a.meta]
+            rows.append((node.meta["exchange"], kinds, buffers))
+    return rows
+
+
 def program_summary(model) -> dict:
     (runtime,) = districompile.runtimes(model)  # the UNet is one Dynamo graph
-    (phases,) = runtime.trajectories.values()  # one input shape
-    return {
-        "compilations": runtime.compilations,
-        "warmup": exchanges(phases.warmup),
-        "steady": None if phases.steady is None else exchanges(phases.steady),
-    }
+    (trajectory,) = runtime.trajectories.values()  # one input shape
+    programs = trajectory.programs
+    summary = {"compilations": runtime.compilations, "buffers": len(trajectory.buffers)}
+    for phase, program in programs.items():
+        summary[phase] = exchanges(program)
+        summary[phase, "ordering"] = ordering(program)
+        summary[phase, "inputs"] = sum(n.op == "placeholder" for n in program.graph.nodes)
+    return summary
 
 
 def _run(rank, world_size):
@@ -132,26 +149,47 @@ def test_displaced_programs(ranks, mode):
     summaries = [programs[mode] for _, programs in ranks]
     assert all(summary == summaries[0] for summary in summaries), "the ranks' programs differ"
     summary = summaries[0]
-    kinds = {kind for kind, *_ in summary["steady"]}
-    assert {"halo", "kv_gather", "stats_allgather", "output_gather"} <= kinds
+    steady, warmup = summary["steady"], summary["warm-up"]
+    kinds = {kind for kind, *_ in steady}
+    assert {"halo", "kv_gather", "output_gather"} <= kinds
+    # separate_gn's steady statistics are this rank's alone: nothing to exchange.
+    assert ("stats_allgather" in kinds) == (mode != "separate_gn")
     # The steady program joins its exchanges once, last, so nothing is in flight between calls.
-    assert [row[0] for row in summary["steady"]].count("join") == 1 and summary["steady"][-1][0] == "join"
-    assert "join" not in {kind for kind, *_ in summary["warmup"]}
-    summary = {**summary, "steady": summary["steady"][:-1]}
+    assert [row[0] for row in steady].count("join") == 1 and steady[-1][0] == "join"
+    assert "join" not in {kind for kind, *_ in warmup}
+    steady = steady[:-1]
 
-    for phase, stale in (("warmup", False), ("steady", True)):
-        displaced = []
-        for kind, op, site, stale_arg in summary[phase]:
-            if kind in DISPLACED_KINDS or (kind == "output_gather" and mode == "no_sync"):
-                assert op.endswith("_displaced.default"), (phase, kind, op)
-                assert stale_arg is stale, (phase, kind, site)
-                displaced.append(site)
+    displaced_kinds = DISPLACED_KINDS | ({"output_gather"} if mode == "no_sync" else set())
+    for phase, rows, wait in (("warm-up", warmup, True), ("steady", steady, False)):
+        for kind, op, site, wait_arg in rows:
+            if kind in displaced_kinds:
+                assert op.startswith("districompile.exchange_"), (phase, kind, op)
+                assert wait_arg is wait, (phase, kind, site)
             else:  # the output gather and fallback gathers stay synchronous
-                assert not op.endswith("_displaced.default"), (phase, kind, op)
-        assert displaced == list(range(len(displaced))), f"{phase} sites out of order"
-    # Both phases share the sites, hence the buffers: each site is the same exchange in both.
-    warmup, steady = ([(kind, site) for kind, _, site, _ in summary[phase]] for phase in ("warmup", "steady"))
-    assert warmup == steady
+                assert not op.startswith("districompile.exchange_"), (phase, kind, op)
+    # Both phases share the sites, hence the buffers: each site is the same exchange in both,
+    # except that separate_gn's steady statistics exchange nothing.
+    sites = {phase: [(kind, site) for kind, _, site, _ in rows if site is not None] for phase, rows in (("warm-up", warmup), ("steady", steady))}
+    assert [s for s in sites["warm-up"] if not (mode == "separate_gn" and s[0] == "stats_allgather")] == sites["steady"]
+    assert [site for _, site in sites["warm-up"]] == list(range(len(sites["warm-up"])))
+    # Two buffers per site, after the program's own inputs, the same for both phases.
+    assert summary["buffers"] == 2 * len(sites["warm-up"])
+    assert summary["warm-up", "inputs"] == summary["steady", "inputs"]
+
+
+@pytest.mark.parametrize("mode", ("corrected_async_gn", "stale_gn", "separate_gn", "no_sync"))
+def test_exchanges_are_sequenced_after_their_reads(ranks, mode):
+    """Every exchange op takes the previous one in ``after`` (one order on every rank), and a steady
+    exchange also takes its site's read of the buffers it is about to overwrite."""
+    _, programs = ranks[0]
+    for phase in ("warm-up", "steady"):
+        rows = programs[mode][phase, "ordering"]
+        for i, (kind, after, buffers) in enumerate(rows):
+            previous = [] if i == 0 else [rows[i - 1][0]]
+            displaced = buffers == ["send", "recv"]
+            read = ["read"] if displaced and phase == "steady" else []
+            assert after == read + previous, (phase, i, kind, after)
+            assert displaced or buffers == [], (phase, i, kind, buffers)
 
 
 def test_one_compilation_per_phase(ranks):
@@ -159,5 +197,5 @@ def test_one_compilation_per_phase(ranks):
         # Two phases compiled once each, however many steps and trajectories ran.
         assert programs["corrected_async_gn"]["compilations"] == 2
         full_sync = programs["full_sync"]
-        assert full_sync["compilations"] == 1 and full_sync["steady"] is None
-        assert not any(op.endswith("_displaced.default") for _, op, *_ in full_sync["warmup"])
+        assert full_sync["compilations"] == 1 and "steady" not in full_sync and full_sync["buffers"] == 0
+        assert not any(op.startswith("districompile.exchange_") for _, op, *_ in full_sync["synchronous"])

@@ -42,8 +42,7 @@ def _run(rank, world_size):
             outputs = [as_tensor(compiled(x, torch.tensor(t), context, **kwargs)) for t in TIMESTEPS]
             (runtime,) = [r for r in districompile.runtimes(model) if r.config.sync_mode == mode]
             (trajectory,) = runtime.trajectories.values()
-            programs = [p for p in (trajectory.warmup, trajectory.steady) if p is not None]
-            results[mode] = (outputs, [exchanges(p) for p in programs])
+            results[mode] = (outputs, [exchanges(p) for p in trajectory.programs.values()])
             torch._dynamo.reset()
     return expected, results, messages.messages
 

@@ -24,7 +24,7 @@ class PhaseGraph:
 
     def __init__(self, program: Callable, static_positions: set[int], pool, name: str):
         self.program = program
-        self.static_positions = sorted(static_positions)  # inputs read in place: parameters
+        self.static_positions = sorted(static_positions)  # inputs read in place: parameters, exchange buffers
         self.copied_positions: list[int] = []  # inputs copied into the graph's own tensors
         self.pool = pool  # shared by the phases of one trajectory: they never run at once
         self.name = name

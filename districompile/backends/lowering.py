@@ -32,10 +32,16 @@ def compile_program(program: fx.GraphModule, inputs: list, config: DistriConfig)
     return compile_fx(program, list(inputs), config_patches={"triton.cudagraphs": False})
 
 
-def lower(program: fx.GraphModule, inputs: list, config: DistriConfig, name: str = "program", pool=None) -> Callable:
-    """The program as a callable; on CUDA, a ``PhaseGraph`` replaying it (``pool``: its memory pool)."""
+def lower(
+    program: fx.GraphModule, inputs: list, config: DistriConfig, name: str = "program", pool=None, persistent: int = 0
+) -> Callable:
+    """The program as a callable; on CUDA, a ``PhaseGraph`` replaying it (``pool``: its memory pool).
+
+    The last ``persistent`` inputs are the runtime's exchange buffers: like parameters, a graph
+    reads and writes them where they are."""
     compiled = compile_program(program, inputs, config)
     if not use_cuda_graphs(program, inputs, config):
         return compiled
     static = {i for i, x in enumerate(inputs) if isinstance(x, torch.nn.Parameter)}
+    static |= set(range(len(inputs) - persistent, len(inputs)))
     return PhaseGraph(compiled, static, pool if pool is not None else torch.cuda.graph_pool_handle(), name)

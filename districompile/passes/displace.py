@@ -1,26 +1,40 @@
-"""Displace: turn a synchronous per-rank program into the warm-up or steady program of a sync mode.
+"""Displace: turn a synchronous per-rank program into the warm-up and steady programs of a sync mode.
 
-Each exchange that the mode displaces becomes its ``*_displaced`` op with a site number
-(the same on every rank: sites are numbered in program order) and the phase flag ``stale``.
-Fallback gathers always stay synchronous: they exist for correctness. A steady program ends
-in ``join_exchanges``: the exchanges it started finish within the call (behind its compute),
-so no call leaves work in flight and each phase can be replayed as one CUDA graph.
+Each exchange the mode displaces becomes a *site* with two buffers that the programs take as
+extra inputs (``send``, ``recv``; the runtime owns them) and two parts, both written into the
+graph where the compiler sees them:
+
+- the exchange op (``displaced.exchange_*``), which declares that it writes the buffers;
+- the read: the value the consumers use, assembled by ATen ops from this rank's fresh input
+  and the other ranks' values in ``recv``.
+
+Warm-up: exchange (synchronous), then read the fresh values. Steady: read the previous
+call's values, then exchange, asynchronously, with the read in the op's ``after``, so that no
+schedule can move the read past the write. The steady program ends in ``join_exchanges``.
+Fallback and output gathers stay synchronous (``no_sync`` displaces the output gather too).
 """
 
 from __future__ import annotations
 
-import copy
+import math
 import operator
+from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from torch._guards import detect_fake_mode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from .. import displaced  # noqa: F401  (registers the displaced ops)
-from ..displaced import CORRECTED, SEPARATE, STALE
+from ..collectives import assemble_halo, halo_plan, join_blocks, row_counts
+from ..displaced import chunks, halo_shapes
 
+aten = torch.ops.aten
 districompile = torch.ops.districompile
 
-# sync_mode -> (GroupNorm statistics mode, spatial reduction mode, output gather displaced?)
+# How a steady read combines the previous call's values with this rank's fresh ones.
+CORRECTED, STALE, SEPARATE = "corrected", "stale", "separate"
+
+# sync_mode -> (GroupNorm statistics, spatial reductions, output gather displaced?)
 MODES = {
     "corrected_async_gn": (CORRECTED, CORRECTED, False),
     "stale_gn": (STALE, STALE, False),
@@ -29,46 +43,177 @@ MODES = {
 }
 
 
-def displace(program: fx.GraphModule, sync_mode: str, state_id: int, stale: bool, rank: int) -> fx.GraphModule:
-    stats_mode, reduce_mode, displace_output = MODES[sync_mode]
-    gm = fx.GraphModule(program, copy.deepcopy(program.graph))
-    site = 0
-    for node in gm.graph.nodes:
-        kind = node.meta.get("exchange")
-        tail = (state_id, site, stale)
-        if kind == "halo":
-            node.target = districompile.fetch_rows_displaced.default
-        elif kind == "kv_gather" or (kind == "output_gather" and displace_output):
-            node.target = districompile.gather_rows_displaced.default
-        elif kind == "stats_allgather":
-            x, world, group = node.args
-            node.args = (x, world, rank, group)
-            node.target = districompile.all_gather_stack_displaced.default
-            tail += (stats_mode,)
-        elif kind == "allreduce":
-            node.target = districompile.all_reduce_displaced.default
-            tail += (reduce_mode,)
-        else:
-            continue
-        node.args = tuple(node.args) + tail
-        site += 1
-    if stale and site:
-        _join_before_output(gm.graph, state_id)
-    gm.recompile()
-    return gm
+@dataclass
+class DisplacedProgram:
+    warmup: fx.GraphModule
+    steady: fx.GraphModule
+    # Per buffer input, after the program's own inputs: (numel, dtype, device), site by site (send, recv).
+    buffers: list[tuple[int, torch.dtype, torch.device]]
 
 
-def _join_before_output(graph: fx.Graph, state_id: int):
-    output = next(n for n in graph.nodes if n.op == "output")
-    # Program outputs are tensors (static shapes leave no symbolic sizes to return).
-    tensors = [n for n in output.all_input_nodes if isinstance(n.meta.get("val", torch.empty(0)), torch.Tensor)]
-    if not tensors:
-        return
-    with graph.inserting_before(output):
-        joined = graph.call_function(districompile.join_exchanges.default, (tensors, state_id))
-        joined.meta["exchange"] = "join"
-        replacements = {}
-        for i, node in enumerate(tensors):
-            replacements[node] = graph.call_function(operator.getitem, (joined, i))
-    output.args = fx.node.map_arg(output.args, lambda n: replacements.get(n, n))
+def displace(program: fx.GraphModule, sync_mode: str, rank: int) -> DisplacedProgram:
+    _propagate_shapes(program)
+    phases, buffers = [], None
+    for stale in (False, True):
+        graph = fx.Graph()
+        graph.output(graph.graph_copy(program.graph, {}))  # node meta (with "val") is shared
+        phase_buffers = _Displacer(graph, MODES[sync_mode], rank, stale).run()
+        phases.append(fx.GraphModule(program, graph))
+        buffers = phase_buffers
+    return DisplacedProgram(phases[0], phases[1], buffers)
 
+
+def _propagate_shapes(program: fx.GraphModule):
+    """``meta["val"]`` on every node: the buffers' sizes follow from the exchanged tensors' shapes."""
+    inputs = [n.meta["val"] for n in program.graph.nodes if n.op == "placeholder"]
+    FakeTensorProp(program, detect_fake_mode(inputs)).propagate_dont_convert_inputs(*inputs)
+
+
+class _Displacer:
+    def __init__(self, graph: fx.Graph, modes, rank: int, stale: bool):
+        self.graph, self.rank, self.stale = graph, rank, stale
+        self.stats_mode, self.reduce_mode, self.displace_output = modes
+        self.buffers: list[tuple[int, torch.dtype, torch.device]] = []
+        self.tokens: list[fx.Node] = []  # the steady program's exchanges in flight
+        self.last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
+
+    def call(self, op, *args, **kwargs) -> fx.Node:
+        return self.graph.call_function(op, args, kwargs)
+
+    def run(self) -> list:
+        for node in list(self.graph.nodes):
+            kind = node.meta.get("exchange")
+            rewrite = {
+                "halo": self._halo, "kv_gather": self._blocks, "stats_allgather": self._stats, "allreduce": self._reduce,
+            }.get(kind)
+            if kind == "output_gather" and self.displace_output:
+                rewrite = self._blocks
+            if rewrite is not None:
+                with self.graph.inserting_before(node):
+                    read = rewrite(kind, node)
+                read.meta["exchange_read"] = kind
+                node.replace_all_uses_with(read)
+                self.graph.erase_node(node)
+        if self.tokens:
+            self._join_before_output()
+        return self.buffers
+
+    def _buffers(self, x: fx.Node, send_numel: int, recv_numel: int) -> tuple[fx.Node, fx.Node]:
+        val = x.meta["val"]
+        nodes = []
+        for role, numel in (("send", send_numel), ("recv", recv_numel)):
+            with self.graph.inserting_after(self.last_input):
+                self.last_input = self.graph.placeholder(f"site{len(self.buffers) // 2}_{role}")
+            self.last_input.meta["exchange_buffer"] = role
+            self.buffers.append((numel, val.dtype, val.device))
+            nodes.append(self.last_input)
+        return nodes[0], nodes[1]
+
+    def _snapshot(self, buffer: fx.Node) -> fx.Node:
+        """For a read made of buffer contents alone: a plain copy would be dropped (``displaced.snapshot``)."""
+        return self.call(districompile.snapshot.default, buffer)
+
+    def _site(self, kind: str, read, exchange) -> fx.Node:
+        """Warm-up: exchange, then read the fresh values. Steady: read, then exchange (after the read)."""
+        site = len(self.buffers) // 2 - 1  # the buffers were made just before
+
+        def start(wait: bool, after: list) -> fx.Node:
+            node = exchange(wait, after)
+            node.meta.update(exchange=kind, site=site)
+            return node
+
+        if self.stale:
+            value = read()
+            self.tokens.append(start(False, [value]))
+            return value
+        start(True, [])
+        return read()
+
+    def _halo(self, kind: str, node: fx.Node) -> fx.Node:
+        x, bounds, need_lo, need_hi, rank, pad_mode, fill, group, _ = node.args
+        val = x.meta["val"]
+        shape = list(val.shape)
+        plan = halo_plan(tuple(bounds), tuple(need_lo), tuple(need_hi), rank, pad_mode)
+        received = halo_shapes(shape, plan.receive_rows())
+        send, recv = self._buffers(
+            x, sum(map(math.prod, halo_shapes(shape, plan.send_rows()))), sum(map(math.prod, received))
+        )
+        own_rows = any(source == -1 for source, _, _ in plan.segments)
+        return self._site(
+            kind,
+            lambda: assemble_halo(
+                self.call, x, shape, plan, chunks(self.call, recv if own_rows else self._snapshot(recv), received), fill,
+                val.dtype, val.device,
+            ),
+            lambda wait, after: self.call(
+                districompile.exchange_rows.default, x, send, recv, bounds, need_lo, need_hi, rank, pad_mode, group, wait, after
+            ),
+        )
+
+    def _blocks(self, kind: str, node: fx.Node) -> fx.Node:
+        """Row blocks of every rank (self-attention K/V; ``no_sync``'s output): this rank's always fresh."""
+        x, bounds, rank, group, _ = node.args
+        shape = list(x.meta["val"].shape)
+        rows = max(row_counts(bounds))
+        block = [shape[0], shape[1], rows, shape[3]]
+        world = len(bounds) - 1
+        send, recv = self._buffers(x, math.prod(block), world * math.prod(block))
+
+        def read():
+            blocks = chunks(self.call, recv, [block] * world)
+            blocks[rank] = x
+            return join_blocks(self.call, blocks, bounds)
+
+        return self._site(kind, read, lambda wait, after: self.call(
+            districompile.exchange_blocks.default, x, send, recv, rows, group, wait, after))
+
+    def _stats(self, kind: str, node: fx.Node) -> fx.Node:
+        """Every rank's GroupNorm statistics, stacked; once stale, this rank's fresh unless ``stale``."""
+        x, world, group, _ = node.args
+        val = x.meta["val"]
+        shape, numel = list(val.shape), val.numel()
+        send, recv = self._buffers(x, numel, world * numel)
+        mode = self.stats_mode if self.stale else CORRECTED  # fresh values: the same in every mode
+
+        def read():
+            if mode == SEPARATE:  # the others' statistics left out (count 0: they drop out of the merge)
+                entries = [self.call(aten.full.default, shape, 0.0, dtype=val.dtype, device=val.device) for _ in range(world)]
+            else:
+                entries = chunks(self.call, recv if mode != STALE else self._snapshot(recv), [shape] * world)
+            if mode != STALE:
+                entries[self.rank] = x
+            return self.call(aten.stack.default, entries)
+
+        if self.stale and mode == SEPARATE:  # nothing to exchange
+            return read()
+        canonical = self.call(aten.view.default, x, [1, 1, 1, numel])
+        return self._site(kind, read, lambda wait, after: self.call(
+            districompile.exchange_blocks.default, canonical, send, recv, 1, group, wait, after))
+
+    def _reduce(self, kind: str, node: fx.Node) -> fx.Node:
+        """An all-reduce; once stale, the previous total, with this rank's part fresh if ``corrected``."""
+        x, op, group, _ = node.args
+        shape, numel = list(x.meta["val"].shape), x.meta["val"].numel()
+        send, recv = self._buffers(x, numel, numel)
+
+        def read():
+            if not self.stale or self.reduce_mode != CORRECTED:
+                return self.call(aten.view.default, self._snapshot(recv), shape)
+            total = self.call(aten.view.default, recv, shape)
+            if op == "sum":  # the previous total, this rank's previous part swapped for its fresh one
+                own = self.call(aten.view.default, send, shape)
+                return self.call(aten.add.Tensor, self.call(aten.sub.Tensor, total, own), x)
+            return self.call(aten.maximum.default if op == "max" else aten.minimum.default, total, x)
+
+        return self._site(kind, read, lambda wait, after: self.call(
+            districompile.exchange_reduce.default, x, send, recv, op, group, wait, after))
+
+    def _join_before_output(self):
+        output = next(n for n in self.graph.nodes if n.op == "output")
+        # Program outputs are tensors (static shapes leave no symbolic sizes to return).
+        tensors = [n for n in output.all_input_nodes if isinstance(n.meta.get("val", torch.empty(0)), torch.Tensor)]
+        with self.graph.inserting_before(output):
+            joined = self.call(districompile.join_exchanges.default, self.tokens, tensors)
+            joined.meta["exchange"] = "join"
+            replacements = {node: self.call(operator.getitem, joined, i) for i, node in enumerate(tensors)}
+        output.args = fx.node.map_arg(output.args, lambda n: replacements.get(n, n))

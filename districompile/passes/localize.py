@@ -15,7 +15,7 @@ import copy
 import torch
 import torch.fx as fx
 
-from ..collectives import ROW_DIM, assemble_halo, halo_plan, row_counts
+from ..collectives import ROW_DIM, assemble_halo, halo_plan, row_counts, run
 
 districompile = torch.ops.districompile
 
@@ -23,27 +23,27 @@ districompile = torch.ops.districompile
 @torch.library.custom_op("districompile::local_fetch_rows", mutates_args=())
 def local_fetch_rows(
     x: torch.Tensor, bounds: list[int], need_lo: list[int], need_hi: list[int], rank: int, pad_mode: int, fill: float,
-    group: str,
+    group: str, after: list[torch.Tensor],
 ) -> torch.Tensor:
     plan = halo_plan(tuple(bounds), tuple(need_lo), tuple(need_hi), rank, pad_mode)
-    zeros = [x.new_zeros(x.shape[0], x.shape[1], count, x.shape[3]) for _, count in plan.receives]
-    return assemble_halo(x, plan, zeros, fill)
+    zeros = [x.new_zeros(x.shape[0], x.shape[1], count, x.shape[3]) for count in plan.receive_rows()]
+    return assemble_halo(run, x, x.shape, plan, zeros, fill, x.dtype, x.device)
 
 
 @torch.library.custom_op("districompile::local_gather_rows", mutates_args=())
-def local_gather_rows(x: torch.Tensor, bounds: list[int], rank: int, group: str) -> torch.Tensor:
+def local_gather_rows(x: torch.Tensor, bounds: list[int], rank: int, group: str, after: list[torch.Tensor]) -> torch.Tensor:
     counts = row_counts(bounds)
     blocks = [x if r == rank else x.new_zeros(x.shape[0], x.shape[1], c, x.shape[3]) for r, c in enumerate(counts)]
     return torch.cat(blocks, ROW_DIM)
 
 
 @torch.library.custom_op("districompile::local_all_gather_stack", mutates_args=())
-def local_all_gather_stack(x: torch.Tensor, world: int, group: str) -> torch.Tensor:
+def local_all_gather_stack(x: torch.Tensor, world: int, group: str, after: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([x] * world)
 
 
 @torch.library.custom_op("districompile::local_all_reduce", mutates_args=())
-def local_all_reduce(x: torch.Tensor, op: str, group: str) -> torch.Tensor:
+def local_all_reduce(x: torch.Tensor, op: str, group: str, after: list[torch.Tensor]) -> torch.Tensor:
     return x.clone()
 
 

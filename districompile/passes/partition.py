@@ -31,7 +31,9 @@ class Emitter:
         return self.graph.call_function(target, tuple(args), kwargs)
 
     def exchange(self, kind: str, target, *args) -> fx.Node:
-        """An exchange op, tagged with its kind for the displace pass and the tests."""
+        """An exchange op, tagged with its kind for the displace and sequence passes and the tests.
+
+        Its last argument, ``after``, is left empty: ``passes/sequence.py`` fills it in."""
         node = self.call(target, *args)
         node.meta["exchange"] = kind
         return node
@@ -47,7 +49,7 @@ class Emitter:
         canonical = self.call(aten.reshape.default, local_x, spec.canonical_shape(shape, spec.split.rows(self.rank)))
         fetched = self.exchange(
             "halo", districompile.fetch_rows.default, canonical, list(spec.split.bounds), list(need_lo), list(need_hi),
-            self.rank, pad_mode, fill, self.group,
+            self.rank, pad_mode, fill, self.group, [],
         )
         rows = need_hi[self.rank] - need_lo[self.rank]
         extended = list(shape)
@@ -65,7 +67,7 @@ class Emitter:
         spec: Shard = self.specs[x]
         shape = list(x.meta["val"].shape)
         canonical = self.call(aten.reshape.default, local_x, spec.canonical_shape(shape, spec.split.rows(self.rank)))
-        whole = self.exchange(kind, districompile.gather_rows.default, canonical, list(spec.split.bounds), self.rank, self.group)
+        whole = self.exchange(kind, districompile.gather_rows.default, canonical, list(spec.split.bounds), self.rank, self.group, [])
         return self.call(aten.reshape.default, whole, shape)
 
     def take(self, whole: fx.Node, x: fx.Node, spec: Shard) -> fx.Node:
@@ -78,10 +80,10 @@ class Emitter:
         )
 
     def all_gather_stack(self, x: fx.Node) -> fx.Node:
-        return self.exchange("stats_allgather", districompile.all_gather_stack.default, x, self.world, self.group)
+        return self.exchange("stats_allgather", districompile.all_gather_stack.default, x, self.world, self.group, [])
 
     def all_reduce(self, x: fx.Node, op: str) -> fx.Node:
-        return self.exchange("allreduce", districompile.all_reduce.default, x, op, self.group)
+        return self.exchange("allreduce", districompile.all_reduce.default, x, op, self.group, [])
 
 
 # Gathered and fallback results are contiguous where the traced tensor may have been a

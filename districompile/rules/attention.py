@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import DistriCompileError
 from ..sharding import Replicate, Shard
 from .registry import Decision, register, sharded_along_batch
 
@@ -89,6 +90,13 @@ def _matmul(ctx, node, a, b, batch: int):
     sa, sb = ctx.spec(a), ctx.spec(b)
     a_rows, a_contracted, b_contracted, b_cols = batch, batch + 1, batch, batch + 1
     if isinstance(sa, Shard) and sa.dim == a_rows:
+        if not ctx.exchange and ctx.world > 1 and isinstance(sb, Shard) and sb.dim == b_cols:
+            # Scores of a patch's queries against its own keys: split along both dims, which a sharding cannot say.
+            raise DistriCompileError(
+                f"{node.name} ({node.target}): parallelism='naive_patch' cannot run attention written as "
+                "matmuls over keys split by rows; write it with F.scaled_dot_product_attention, or use "
+                "parallelism='patch'"
+            )
         # Rows of the result follow a's rows; b must be whole (keys/values of all ranks).
         keep_b = sb if (not ctx.exchange and isinstance(sb, Shard)) else Replicate()
         return Decision(sa, {a: sa, b: keep_b}, gather_kind="kv_gather")
