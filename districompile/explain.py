@@ -9,6 +9,7 @@ import torch
 from .batch_split import plan_batch_split
 from .compiler import Plan, plan
 from .config import DistriConfig
+from .errors import DistriCompileError
 from .passes.annotate import spatial_inputs
 from .passes.propagate import Fallback
 from .rules import Exchange
@@ -72,6 +73,11 @@ def explain(model, *args, world_size: int, verbose: bool = True, **options) -> E
 
     def capture_backend(gm, example_inputs):
         captured["gm"], captured["inputs"] = gm, list(example_inputs)
+        # Input names are Dynamo's to give, during this call only; an unknown name is raised below.
+        try:
+            captured["spatial"] = spatial_inputs(gm, captured["inputs"], config.spatial_inputs)
+        except DistriCompileError as error:
+            captured["error"] = error
 
         def stop(*_):
             raise _Captured
@@ -84,8 +90,9 @@ def explain(model, *args, world_size: int, verbose: bool = True, **options) -> E
             compiled(*args, **kwargs)
     except _Captured:
         pass
-    gm, inputs = captured["gm"], captured["inputs"]
-    spatial = spatial_inputs(gm, inputs, config.spatial_inputs)
+    if "error" in captured:
+        raise captured["error"]
+    gm, inputs, spatial = captured["gm"], captured["inputs"], captured["spatial"]
     batch_plan = plan_batch_split(gm, inputs, spatial, world_size, config)
     if batch_plan is not None:  # plan what one half of the ranks runs
         gm, inputs, world_size = batch_plan.program(0), batch_plan.half_inputs(inputs, 0), world_size // 2

@@ -10,8 +10,9 @@ import torch
 
 
 def take_rows(x: torch.Tensor, canonical: list[int], start: int, stop: int, local_shape: list[int]) -> torch.Tensor:
-    """This rank's rows of a replicated tensor (the full input, a positional table)."""
-    return x.reshape(canonical)[:, :, start:stop].reshape(local_shape)
+    """This rank's rows of a replicated tensor (the full input, a positional table); contiguous, as
+    a computed local tensor would be (ATen kernels such as native_group_norm require it)."""
+    return x.reshape(canonical)[:, :, start:stop].reshape(local_shape).contiguous()
 
 
 def local_group_stats(x: torch.Tensor, groups: int) -> torch.Tensor:

@@ -12,7 +12,8 @@ from .runtime import reset
 
 
 def parallelize(pipe, **options):
-    """Compile ``pipe.unet`` with ``backend="distri"`` and wrap ``pipe.__call__``.
+    """Compile ``pipe.unet`` (and ``pipe.controlnet``, where the pipeline has one) with
+    ``backend="distri"`` and wrap ``pipe.__call__``.
 
     Every rank calls the pipeline with the same arguments (the same ``prompt_embeds``). Each
     call starts a new trajectory (``reset``), shares one random seed across ranks when no
@@ -23,14 +24,17 @@ def parallelize(pipe, **options):
     config = DistriConfig.from_options(options)
     group = config.group or dist.group.WORLD
     rank = dist.get_rank(group)
-    unet = pipe.unet
-    pipe.unet = torch.compile(unet, backend="distri", options=options, dynamic=False)
+    models = [pipe.unet] + ([pipe.controlnet] if getattr(pipe, "controlnet", None) is not None else [])
+    pipe.unet = torch.compile(pipe.unet, backend="distri", options=options, dynamic=False)
+    if len(models) > 1:  # its residuals come out whole on every rank; the UNet splits them again
+        pipe.controlnet = torch.compile(pipe.controlnet, backend="distri", options=options, dynamic=False)
     pipe.set_progress_bar_config(disable=rank != 0)
     call = type(pipe).__call__
 
     @functools.wraps(call)
     def parallel_call(self, *args, **kwargs):
-        reset(unet)
+        for model in models:
+            reset(model)
         if kwargs.get("generator") is None and kwargs.get("latents") is None:
             seed = torch.randint(0, 2**31 - 1, (1,))
             dist.broadcast(seed, src=dist.get_global_rank(group, 0), group=group)

@@ -39,7 +39,7 @@ class Trajectory:
     current trajectory stands.
 
     ``programs`` are the per-rank FX programs by phase ("synchronous", or "warm-up" and
-    "steady"), ``lowered`` the callables that run them. A displaced shape owns its exchange
+    "steady"; "unsplit" for a graph with no spatial input), ``lowered`` the callables that run them. A displaced shape owns its exchange
     buffers (``buffers``): every phase takes them as its last inputs, and the warm-up writes
     them before any steady call reads them.
     """
@@ -63,7 +63,7 @@ class Trajectory:
     def __call__(self, *args):
         """Run the warm-up program for the first calls of a trajectory, the steady one after."""
         if not self.displaced:
-            phase = "synchronous"
+            (phase,) = self.programs  # "synchronous" or "unsplit"
         else:
             phase = "steady" if self.calls >= self.warmup_steps else "warm-up"
         self.calls += 1
@@ -120,6 +120,10 @@ class DistriRuntime:
         return lowered
 
     def compile(self, args) -> Trajectory:
+        if not self.spatial:  # say, the graph after a graph break that computes the time embedding
+            log.info("districompile: a graph with no spatial input runs unsplit on every rank")
+            lowered = self._lower(self.dynamo_gm, args, "unsplit", None, 0)
+            return Trajectory({"unsplit": self.dynamo_gm}, {"unsplit": lowered}, [], 0, None)
         group, graph = self.group(), self.dynamo_gm
         split = batch_split(self.dynamo_gm, args, self.spatial, self.config, group)
         if split is not None:  # the phases run this rank's half of the batch over its half of the ranks

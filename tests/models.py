@@ -106,6 +106,114 @@ def tiny_unet2d(height=32, width=32, batch=1):
     return model, args, {}
 
 
+def tiny_controlnet(height=32, width=32, batch=1):
+    """A tiny SD-1.5-like UNet and a ControlNet made from it (conditioning image at 8x the latent):
+    ``(unet, controlnet, (sample, timestep, text), conditioning image)``."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    with _seeded():
+        unet = UNet2DConditionModel(sample_size=(height, width), **TINY_SD15).eval()
+        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 8, 16)).eval()
+        # A new ControlNet's output convolutions are zero (it starts as a no-op): give them weights.
+        zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block, controlnet.controlnet_cond_embedding.conv_out]
+        for parameter in (p for conv in zero_convs for p in conv.parameters()):
+            torch.nn.init.normal_(parameter, std=0.1)
+        args = (
+            torch.randn(batch, 4, height, width),
+            torch.tensor(500),
+            torch.randn(batch, 7, TINY_SD15["cross_attention_dim"]),
+        )
+        image = torch.randn(batch, 3, 8 * height, 8 * width)
+    return unet, controlnet, args, image
+
+
+def tiny_unet3d(height=16, width=16, batch=1, frames=3):
+    """A video UNet: samples (B, C, frames, H, W), temporal convolutions and attention."""
+    from diffusers import UNet3DConditionModel
+
+    with _seeded():
+        model = UNet3DConditionModel(
+            sample_size=(height, width),
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+            up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=8,
+        ).eval()
+        args = (torch.randn(batch, 4, frames, height, width), torch.tensor(500), torch.randn(batch, 7, 32))
+    return model, args, {}
+
+
+def tiny_svd_unet(height=16, width=16, batch=1, frames=3):
+    """Stable Video Diffusion's UNet: samples (B, frames, C, H, W), image embeddings, added time ids."""
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    with _seeded():
+        model = UNetSpatioTemporalConditionModel(
+            sample_size=(height, width),
+            in_channels=8,
+            out_channels=4,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+            up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+            cross_attention_dim=32,
+            num_attention_heads=(2, 4),
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=24,
+            num_frames=frames,
+        ).eval()
+        args = (
+            torch.randn(batch, frames, 8, height, width),
+            torch.tensor(500.0),
+            torch.randn(batch, 1, 32),
+            torch.randn(batch, 3),
+        )
+    return model, args, {}
+
+
+def _simple_cross_attention_unet(**config):
+    """UNet2DConditionModel with SimpleCrossAttn blocks: added-K/V attention, whose keys and values
+    are the text's projections followed by the image's."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        attention_head_dim=8,
+        norm_num_groups=8,
+        **config,
+    ).eval()
+
+
+def tiny_if_unet(height=16, width=16, batch=1):
+    """DeepFloyd-IF-like: pixels in, text embeddings projected (encoder_hid_dim), added-K/V attention."""
+    with _seeded():
+        model = _simple_cross_attention_unet(
+            sample_size=(height, width), in_channels=3, out_channels=6, cross_attention_dim=32, encoder_hid_dim=24,
+            addition_embed_type="text", addition_embed_type_num_heads=2, resnet_time_scale_shift="scale_shift",
+        )
+        args = (torch.randn(batch, 3, height, width), torch.tensor(500), torch.randn(batch, 7, 24))
+    return model, args, {}
+
+
+def tiny_kandinsky_unet(height=16, width=16, batch=1):
+    """Kandinsky-2.2-decoder-like: conditioned on an image embedding (no text), added-K/V attention."""
+    with _seeded():
+        model = _simple_cross_attention_unet(
+            sample_size=(height, width), in_channels=4, out_channels=8, cross_attention_dim=32, encoder_hid_dim=16,
+            encoder_hid_dim_type="image_proj", addition_embed_type="image",
+        )
+        args = (torch.randn(batch, 4, height, width), torch.tensor(500), None)
+        kwargs = {"added_cond_kwargs": {"image_embeds": torch.randn(batch, 16)}}
+    return model, args, kwargs
+
+
 # ----------------------------------------------------------------------------- hand-written
 
 
@@ -250,6 +358,61 @@ class MicroUNet(nn.Module):
         h = tokens.transpose(1, 2).reshape(b, c, height, width)
         h = F.interpolate(h, scale_factor=2, mode="nearest")
         return self.conv_out(torch.cat([h, h0], dim=1))
+
+
+class ADMAttention(nn.Module):
+    """guided-diffusion's attention block: a 1x1 conv1d makes q, k, v from the flattened tokens,
+    scores by einsum over (batch x heads, channels, tokens)."""
+
+    def __init__(self, channels, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.GroupNorm(4, channels)
+        self.qkv = nn.Conv1d(channels, 3 * channels, 1)
+        self.proj_out = nn.Conv1d(channels, channels, 1)
+
+    def forward(self, x):
+        b, c, *spatial = x.shape
+        tokens = x.reshape(b, c, -1)
+        qkv = self.qkv(self.norm(tokens)).reshape(b * self.heads, 3 * c // self.heads, -1)
+        q, k, v = qkv.chunk(3, dim=1)
+        scale = (c // self.heads) ** -0.25
+        weights = torch.einsum("bct,bcs->bts", q * scale, k * scale).softmax(dim=-1)
+        out = torch.einsum("bts,bcs->bct", weights, v).reshape(b, c, -1)
+        return x + self.proj_out(out).reshape(b, c, *spatial)
+
+
+class ADMUNet(nn.Module):
+    """A guided-diffusion (ADM) style UNet: scale-shift time conditioning, ADM attention at two
+    resolutions, strided-conv downsampling and nearest upsampling."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.time = nn.Sequential(nn.Linear(1, 2 * c), nn.SiLU(), nn.Linear(2 * c, 2 * c))
+        self.conv_in = nn.Conv2d(3, c, 3, padding=1)
+        self.norm_in = nn.GroupNorm(4, c)
+        self.conv_mid = nn.Conv2d(c, c, 3, padding=1)
+        self.attn_high = ADMAttention(c)
+        self.down = nn.Conv2d(c, 2 * c, 3, stride=2, padding=1)
+        self.attn_low = ADMAttention(2 * c)
+        self.up = nn.Conv2d(2 * c, c, 3, padding=1)
+        self.conv_out = nn.Conv2d(2 * c, 3, 3, padding=1)
+
+    def forward(self, x, timestep):
+        scale, shift = self.time(timestep.reshape(-1, 1) / 1000).chunk(2, dim=-1)
+        h0 = self.conv_in(x)
+        h0 = h0 + self.conv_mid(F.silu(self.norm_in(h0) * (1 + scale[:, :, None, None]) + shift[:, :, None, None]))
+        h0 = self.attn_high(h0)
+        h = self.attn_low(self.down(h0))
+        h = self.up(F.interpolate(h, scale_factor=2, mode="nearest"))
+        return self.conv_out(torch.cat([h, h0], dim=1))
+
+
+def adm_unet(height=16, width=16, batch=1):
+    with _seeded():
+        model = ADMUNet().eval()
+        args = (torch.randn(batch, 3, height, width), torch.full((batch,), 500.0))
+    return model, args, {}
 
 
 def micro_unet(height=12, width=8, batch=1):

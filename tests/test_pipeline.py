@@ -1,4 +1,5 @@
-"""``districompile.parallelize`` on a tiny StableDiffusionPipeline (random weights), 2 CPU ranks."""
+"""``districompile.parallelize`` on tiny StableDiffusion and StableDiffusionControlNet pipelines
+(random weights), 2 CPU ranks."""
 
 import numpy as np
 import pytest
@@ -15,9 +16,18 @@ STEPS = 4
 TEXT_TOKENS, TEXT_DIM = 7, TINY_SD15["cross_attention_dim"]
 
 
-def tiny_pipeline():
-    """A StableDiffusionPipeline of tiny seeded models; no text encoder, tokenizer or safety checker."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+def tiny_pipeline(controlnet=False):
+    """A StableDiffusionPipeline of tiny seeded models (or, with ``controlnet``, a
+    StableDiffusionControlNetPipeline, its conditioning image in the returned call arguments);
+    no text encoder, tokenizer or safety checker."""
+    from diffusers import (
+        AutoencoderKL,
+        ControlNetModel,
+        DDIMScheduler,
+        StableDiffusionControlNetPipeline,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
@@ -33,11 +43,17 @@ def tiny_pipeline():
             "prompt_embeds": torch.randn(1, TEXT_TOKENS, TEXT_DIM),
             "negative_prompt_embeds": torch.randn(1, TEXT_TOKENS, TEXT_DIM),
         }
+        if controlnet:  # the image at the pipeline's resolution, 2x the latent: one downsampling
+            control = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16))
+            for parameter in control.controlnet_down_blocks.parameters():  # not the zero init: a visible effect
+                torch.nn.init.normal_(parameter, std=0.1)
+            embeds["image"] = torch.rand(1, 3, 64, 64)
     scheduler = DDIMScheduler(steps_offset=1, clip_sample=False, set_alpha_to_one=False)
-    pipe = StableDiffusionPipeline(
+    parts = dict(
         vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
+    pipe = StableDiffusionControlNetPipeline(controlnet=control, **parts) if controlnet else StableDiffusionPipeline(**parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe, embeds
 
@@ -65,7 +81,14 @@ def _run(rank, world_size):
     districompile.parallelize(pipe, warmup_steps=2, lowering="eager", split_batch=False)  # corrected_async_gn
     pipe.set_progress_bar_config(disable=True)
     displaced = [generate(pipe, embeds) for _ in range(2)]
-    return reference, (exact, splits), displaced
+
+    pipe, embeds = tiny_pipeline(controlnet=True)
+    controlled = {"np": generate(pipe, embeds), "plain": generate(tiny_pipeline()[0], {k: v for k, v in embeds.items() if k != "image"})}
+    controlnet = pipe.controlnet
+    districompile.parallelize(pipe, sync_mode="full_sync", lowering="eager", split_batch=False)
+    controlled["parallel"] = generate(pipe, embeds)
+    controlled["runtimes"] = [len(districompile.runtimes(model)) for model in (pipe.unet, controlnet)]
+    return reference, (exact, splits), displaced, controlled
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +98,7 @@ def ranks():
 
 
 def test_full_sync_matches_single_process(ranks):
-    (reference, (images, splits), _), (_, (latents, _), _) = ranks
+    (reference, (images, splits), *_), (_, (latents, _), *_) = ranks
     assert splits == [True]
     assert isinstance(images, np.ndarray) and images.shape == (1, 64, 64, 3)
     np.testing.assert_allclose(images, reference["np"], rtol=0, atol=1e-4)
@@ -85,7 +108,7 @@ def test_full_sync_matches_single_process(ranks):
 
 
 def test_displaced_mode(ranks):
-    (_, _, (images, images_again)), (reference, _, (latents, latents_again)) = ranks
+    (_, _, (images, images_again), _), (reference, _, (latents, latents_again), _) = ranks
     assert np.isfinite(images).all() and torch.isfinite(latents).all()
     # The options reach the compiled UNet: steps after the warm-up used stale values.
     assert relative_error(latents, reference["latent"]) > 1e-6
@@ -93,3 +116,12 @@ def test_displaced_mode(ranks):
     # too), so the same seed gives the same output again.
     np.testing.assert_array_equal(images, images_again)
     torch.testing.assert_close(latents, latents_again, rtol=0, atol=0)
+
+
+def test_controlnet_pipeline_matches_single_process(ranks):
+    """The UNet and the ControlNet both compiled: the ControlNet's residuals (whole on every rank)
+    enter the UNet split at their own resolutions."""
+    (*_, controlled), _ = ranks
+    assert controlled["runtimes"] == [1, 1]
+    np.testing.assert_allclose(controlled["parallel"], controlled["np"], rtol=0, atol=1e-4)
+    assert np.abs(controlled["np"] - controlled["plain"]).max() > 1e-3  # the ControlNet changed the image

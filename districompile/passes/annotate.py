@@ -8,18 +8,18 @@ connections line up without moving rows.
 
 from __future__ import annotations
 
+import gc
+import inspect
 import math
+import re
 from fractions import Fraction
 
 import torch
 import torch.fx as fx
 
-from ..errors import ShapeError
+from ..errors import DistriCompileError, ShapeError
 from ..sharding import RowSplit, Shard
 from .propagate import propagate
-
-ROW_DIM = 2
-
 
 def source_name(node: fx.Node) -> str | None:
     """The Python expression Dynamo read a placeholder from, e.g. ``L['sample']``."""
@@ -35,19 +35,70 @@ def is_model_state(node: fx.Node, value) -> bool:
     return isinstance(value, torch.nn.Parameter) or (source_name(node) or node.name).startswith("L['self']")
 
 
-def spatial_inputs(dynamo_gm: fx.GraphModule, inputs: list, names: tuple[str, ...] | None) -> list[int]:
-    """Positions of the placeholders to split: ``names`` if given, else 4-d floating user inputs."""
-    positions = []
-    placeholders = [n for n in dynamo_gm.graph.nodes if n.op == "placeholder"]
-    for position, (node, value) in enumerate(zip(placeholders, inputs)):
-        source = source_name(node) or node.name
-        if names is not None:
-            if any(f"['{name}']" in source or source == name for name in names):
-                positions.append(position)
+def _traced_function_parameters() -> tuple[str | None, str | None, list[str]]:
+    """``(*args name, **kwargs name, the parameter each of *args stands for)`` of the function
+    Dynamo traced. diffusers wraps ``forward`` in ``wrapper(self, *args, **kwargs)``, so Dynamo
+    sees ``args[0]`` where the model says ``sample``: the wrapped function (the one of the
+    wrapper's functions whose code Dynamo inlined) names them. Only inside a backend call."""
+    context = torch._guards.TracingContext.try_get()
+    if context is None or not context.traced_code:
+        return None, None, []
+    root = context.traced_code[0]
+    named = root.co_argcount + root.co_kwonlyargcount
+    varargs = root.co_varnames[named] if root.co_flags & inspect.CO_VARARGS else None
+    varkw = root.co_varnames[named + bool(varargs)] if root.co_flags & inspect.CO_VARKEYWORDS else None
+    if varargs:
+        traced = set(context.traced_code)
+        for function in gc.get_referrers(root):
+            inner = inspect.unwrap(function) if inspect.isfunction(function) else None
+            if inner is not None and inner is not function and inner.__code__ in traced:
+                params = inspect.signature(inner).parameters.values()
+                positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+                return varargs, varkw, positional[root.co_argcount :]  # the wrapper's own (self) come first
+    return varargs, varkw, []
+
+
+def input_names(placeholders: list[fx.Node]) -> list[tuple[str, ...]]:
+    """The names each placeholder answers to in ``spatial_inputs=``: the model's parameter name
+    (``sample``), with the index or key of an element (``down_block_additional_residuals[0]``),
+    and Dynamo's source (``L['args'][0]``). Only inside a backend call."""
+    varargs, varkw, positional = _traced_function_parameters()
+    names = []
+    for node in placeholders:
+        source = source_name(node)
+        if source is None or not source.startswith("L["):
+            names.append((node.name,))
             continue
-        if isinstance(value, torch.Tensor) and value.dim() == 4 and value.is_floating_point() and not is_model_state(node, value):
-            positions.append(position)
-    return positions
+        path = [key if key else int(index) for key, index in re.findall(r"\['([^']*)'\]|\[(\d+)\]", source)]
+        if path and path[0] == varargs and len(path) > 1 and isinstance(path[1], int) and path[1] < len(positional):
+            path = [positional[path[1]], *path[2:]]
+        elif path and path[0] == varkw and len(path) > 1:
+            path = path[1:]
+        element = path[0] + "".join(f"[{key!r}]" if isinstance(key, str) else f"[{key}]" for key in path[1:])
+        leaf = [path[-1]] if isinstance(path[-1], str) else []  # a dict entry's own key: text_embeds
+        names.append(tuple(dict.fromkeys([str(path[0]), element, *leaf, source])))
+    return names
+
+
+def spatial_inputs(dynamo_gm: fx.GraphModule, inputs: list, names: tuple[str, ...] | None) -> list[int]:
+    """Positions of the placeholders to split: those ``names`` name, else the floating user inputs
+    of 4 dims (N, C, H, W) or 5 (a video's N, C, F, H, W). Only inside a backend call."""
+    placeholders = [n for n in dynamo_gm.graph.nodes if n.op == "placeholder"]
+    if names is None:
+        return [
+            position for position, (node, value) in enumerate(zip(placeholders, inputs))
+            if isinstance(value, torch.Tensor) and value.dim() in (4, 5) and value.is_floating_point()
+            and not is_model_state(node, value)
+        ]
+    known = input_names(placeholders)
+    unknown = [name for name in names if not any(name in answers for answers in known)]
+    if unknown:
+        offered = [answers[0] for node, answers, value in zip(placeholders, known, inputs) if not is_model_state(node, value)]
+        raise DistriCompileError(
+            f"spatial_inputs={tuple(names)}: no input is named {unknown}; the inputs of this graph are "
+            f"{list(dict.fromkeys(offered))} (an element of a tuple or dict argument also answers to name[index] or name['key'])"
+        )
+    return [position for position, answers in enumerate(known) if any(name in answers for name in names)]
 
 
 def _downsampling(specs) -> list[Fraction]:
@@ -64,18 +115,41 @@ def nearest_heights(height: int, multiple: int, world: int) -> list[int]:
     return sorted({low, low + multiple} - {height})
 
 
+def row_dim(value) -> int:
+    """The rows of a spatial tensor: H of (N, C, H, W), and of a video's (N, C, F, H, W)."""
+    return value.dim() - 2
+
+
 def split_rows(aten_gm: fx.GraphModule, positions: list[int], world: int) -> tuple[dict, RowSplit]:
-    """The input specs of the ATen graph, with a row split every resolution level can follow."""
+    """The input specs of the ATen graph, with a row split every resolution level can follow.
+
+    Spatial inputs may come at several resolutions (a UNet's skip residuals from a ControlNet,
+    a ControlNet's conditioning image at 8x the latent): each is split at its own resolution, the
+    rows that line up with the rank's rows of the first spatial input (the sample, by argument
+    order). The returned split is the first input's.
+    """
     placeholders = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
-    heights = {placeholders[p].meta["val"].shape[ROW_DIM] for p in positions}
-    if len(heights) != 1:
-        raise ShapeError(f"spatial inputs have different heights {sorted(heights)}; name the ones to split with spatial_inputs=")
-    height = heights.pop()
+    values = {p: placeholders[p].meta["val"] for p in positions}
+    heights = {p: v.shape[row_dim(v)] for p, v in values.items()}
+    height = heights[positions[0]]
+    scales = {p: Fraction(h, height) for p, h in heights.items()}
+    for p, scale in scales.items():
+        if scale.numerator != 1 and scale.denominator != 1:
+            raise ShapeError(
+                f"spatial input {placeholders[p].name} has {heights[p]} rows against {height} of "
+                f"{placeholders[positions[0]].name}: not a whole multiple or fraction, so their rows cannot be "
+                f"split alike; name the inputs to split with spatial_inputs="
+            )
+    # Inputs at 1/k of the resolution need rank bounds divisible by k.
+    coarsest = math.lcm(*(scale.denominator for scale in scales.values()))
+    if height % coarsest:
+        raise ShapeError(f"height {height} has spatial inputs at 1/{coarsest} of its resolution; use a multiple of {coarsest}")
 
     # A one-rank probe finds how far the network downsamples (and where a height stops dividing).
     probe_split = RowSplit((0, height))
-    probe = propagate(aten_gm, {placeholders[p]: Shard(ROW_DIM, probe_split) for p in positions}, 1, exchange=False)
-    multiple = math.lcm(*(s.numerator for s in _downsampling(probe.specs)), 1)
+    probe_specs = {placeholders[p]: Shard(row_dim(values[p]), probe_split.scaled(scales[p])) for p in positions}
+    probe = propagate(aten_gm, probe_specs, 1, exchange=False)
+    multiple = math.lcm(*(s.numerator for s in _downsampling(probe.specs)), coarsest)
     if height % multiple:
         culprit = _first_uneven(aten_gm, probe.specs)
         raise ShapeError(
@@ -89,7 +163,7 @@ def split_rows(aten_gm: fx.GraphModule, positions: list[int], world: int) -> tup
             f"(the network downsamples {multiple}x); use at most {height // multiple} ranks or height >= {multiple * world}"
         )
     split = RowSplit.even(height, world, multiple)
-    return {placeholders[p]: Shard(ROW_DIM, split) for p in positions}, split
+    return {placeholders[p]: Shard(row_dim(values[p]), split.scaled(scales[p])) for p in positions}, split
 
 
 def _first_uneven(aten_gm, specs) -> str:

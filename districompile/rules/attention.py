@@ -100,8 +100,11 @@ def _matmul(ctx, node, a, b, batch: int):
         # Rows of the result follow a's rows; b must be whole (keys/values of all ranks).
         keep_b = sb if (not ctx.exchange and isinstance(sb, Shard)) else Replicate()
         return Decision(sa, {a: sa, b: keep_b}, gather_kind="kv_gather")
-    if isinstance(sb, Shard) and sb.dim == b_cols and not isinstance(sa, Shard):
-        return Decision(sb, {a: Replicate(), b: sb}, gather_kind="kv_gather")
+    if isinstance(sb, Shard) and sb.dim == b_cols and (not isinstance(sa, Shard) or sa.dim == a_contracted):
+        # Columns of the result follow b's (queries as columns: guided-diffusion's "bts,bcs->bct");
+        # a, contracted over all keys, must be whole (its values of all ranks).
+        keep_a = sa if (not ctx.exchange and isinstance(sa, Shard)) else Replicate()
+        return Decision(sb, {a: keep_a, b: sb}, gather_kind="kv_gather")
     if batch and isinstance(sa, Shard) and sa.dim < batch:
         return Decision(sa, {a: sa, b: sa.with_dim(sa.dim) if len(ctx.shape(b)) == len(ctx.shape(a)) else Replicate()})
     if isinstance(sa, Shard) and sa.dim == a_contracted and isinstance(sb, Shard) and sb.dim == b_contracted and sa.with_dim(0) == sb.with_dim(0):
@@ -138,3 +141,29 @@ def add_matmul(ctx, node):
     broadcast = dim < 0 or ctx.shape(bias)[dim] == 1
     decision.require[bias] = Replicate() if broadcast else out.with_dim(dim)
     return decision
+
+
+# Ops that pass a tensor on unchanged but for its layout.
+_LAYOUT_OPS = {
+    aten.view, aten._unsafe_view, aten.reshape, aten.transpose, aten.permute, aten.t, aten.expand, aten.clone,
+    aten.contiguous, aten._to_copy, aten.unsqueeze, aten.squeeze, aten.alias,
+}
+
+
+def feeds_only_keys_or_values(node) -> bool:
+    """Whether every use of ``node`` (through layout ops) is as the keys or values of an attention:
+    k or v of SDPA, or the right-hand matrix of the products of attention written as matmuls."""
+    for user in node.users:
+        target = getattr(user.target, "overloadpacket", None)
+        if target in _LAYOUT_OPS:
+            if not feeds_only_keys_or_values(user):
+                return False
+        elif user.target in _SDPA:
+            if node not in user.args[1:3] or node is user.args[0]:
+                return False
+        elif target in (aten.bmm, aten.mm, aten.baddbmm, aten.addmm):
+            if user.args[-1] is not node or node in user.args[:-1]:
+                return False
+        else:
+            return False
+    return bool(node.users)

@@ -118,6 +118,8 @@ def convolution(ctx, node):
         return None
     if sharded_along_batch(ctx.spec(x)):
         return Decision(ctx.spec(x))
+    if _pointwise_along_rows(ctx, x, weight, stride, padding, transposed):
+        return Decision(ctx.spec(x))
     spec = _spatial_shard(ctx, x)
     if spec is None:
         return None
@@ -130,6 +132,17 @@ def convolution(ctx, node):
         return em.call(aten.convolution.default, extended, *args[1:4], _with(padding, axis, 0), *args[5:])
 
     return _windowed(ctx, node, x, kernel, stride[axis], padding[axis], dilation[axis], PAD_CONSTANT, 0.0, run_local)
+
+
+def _pointwise_along_rows(ctx, x, weight, stride, padding, transposed) -> bool:
+    """A kernel of 1 along the sharded dim (stride 1, no padding): each output position reads its
+    own input position only, so the conv is local even where the rows are merged with other
+    positions into one dim (the tokens of a guided-diffusion attention's 1x1 conv1d)."""
+    spec = ctx.spec(x)
+    if not isinstance(spec, Shard) or spec.dim < 2 or transposed:
+        return False
+    axis = spec.dim - 2
+    return ctx.shape(weight)[spec.dim] == 1 and stride[axis] == 1 and padding[axis] == 0
 
 
 def _conv_transpose(ctx, node, spec: Shard, axis: int, kernel: int):

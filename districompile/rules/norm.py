@@ -13,19 +13,25 @@ from .registry import Decision, Exchange, register, sharded_along_batch
 aten = torch.ops.aten
 
 
+def _contiguous(em, x):
+    """native_group_norm wants a contiguous input; a local tensor's layout can differ from the
+    traced one's (a patch's rows out of a permuted view). A no-op where it is contiguous already."""
+    return em.call(aten.clone.default, x, memory_format=torch.contiguous_format)
+
+
 @register(aten.native_group_norm)
 def group_norm(ctx, node):
     x, weight, bias, n, channels, hxw, groups, eps = node.args
     spec = ctx.spec(x)
     if sharded_along_batch(spec):  # statistics are per sample: the local samples, counted locally
         return Decision((spec, spec, spec), emit=lambda em, node, args, kw: em.call(
-            node.target, *args[:3], spec.local_size(em.rank), *args[4:]))
+            node.target, _contiguous(em, args[0]), *args[1:3], spec.local_size(em.rank), *args[4:]))
     if not isinstance(spec, Shard) or spec.dim < 2:
         return None
     out = (spec, Replicate(), Replicate())
     if not ctx.exchange:  # separate statistics per patch
         return Decision(out, emit=lambda em, node, args, kw: em.call(
-            node.target, *args[:5], math.prod(em.local_shape(x)[2:]), *args[6:]))
+            node.target, _contiguous(em, args[0]), *args[1:5], math.prod(em.local_shape(x)[2:]), *args[6:]))
     # One rank's statistics: (count, mean, M2) per sample and group in fp32; every rank receives the others'.
     stats_bytes = n * groups * 3 * 4
 

@@ -11,6 +11,7 @@ import math
 import torch
 
 from ..sharding import Replicate, Shard
+from .attention import feeds_only_keys_or_values
 from .registry import Decision, register
 
 aten = torch.ops.aten
@@ -175,7 +176,7 @@ def cat(ctx, node):
     dim = _normalize(dim, out_ndim)
     target = next(ctx.spec(t) for t in tensors if isinstance(ctx.spec(t), Shard))
     if not stacking and target.dim == dim:
-        return None
+        return _cat_along_rows(ctx, node, tensors)
     require = {}
     for t in tensors:
         if len(ctx.shape(t)) != ref_ndim:  # legacy empty 1-d tensors that cat skips
@@ -184,3 +185,18 @@ def cat(ctx, node):
         require[t] = target
     out = target.with_dim(target.dim + (stacking and dim <= target.dim))
     return Decision(out, require)
+
+
+def _cat_along_rows(ctx, node, tensors):
+    """Replicated parts and sharded rows joined along the rows: a text's K/V before an image's
+    (IF's and Kandinsky's added-K/V attention). The result is whole on every rank: the sharded
+    parts are gathered, and each rank adds the replicated part once. Feeding only attention
+    keys and values, the gather is a K/V gather, which displaced modes may take from the
+    previous step; otherwise a plain gather."""
+    sharded = [t for t in tensors if isinstance(ctx.spec(t), Shard)]
+    if len({ctx.spec(t) for t in sharded}) != 1 or len(sharded) == len(tensors):
+        return None  # several sharded parts would have to interleave their rows
+    if not ctx.exchange:
+        return None  # naive patches: a patch's part after the replicated one has no sharding to say it
+    kind = "kv_gather" if feeds_only_keys_or_values(node) else "gather"
+    return Decision(Replicate(), {t: Replicate() for t in sharded}, gather_kind=kind)
