@@ -3,6 +3,8 @@
 - ``eager``: the uncompiled UNet;
 - ``reduce-overhead``: ``torch.compile(mode="reduce-overhead")``, the best single-GPU baseline;
 - ``distri1``: ``backend="distri"`` (full_sync) in a one-rank group, with its error against eager;
+- ``distri1-unchecked``: the same with ``check_ranks=False``: what the ranks' agreement check
+  (one small all-gather per call) costs;
 - ``distri1-steady``: ``backend="distri"`` in the default displaced mode on one rank with the
   exchange ops kept (``single_rank_exchanges``: 1-rank NCCL collectives inside the CUDA graph),
   timed in the steady phase: what the exchange ops and their join cost beyond the compute;
@@ -50,7 +52,7 @@ from districompile.unets import SDXL, TINY_SDXL, pooled_dim, sdxl_time_ids
 
 MODELS = {"sdxl": SDXL, "tiny": TINY_SDXL}
 DISPLACED_KINDS = ("halo", "kv_gather", "stats_allgather", "allreduce")  # explain's kinds kept as stale buffers
-MODES = ("eager", "reduce-overhead", "distri1", "distri1-steady", "projected")
+MODES = ("eager", "reduce-overhead", "distri1", "distri1-unchecked", "distri1-steady", "projected")
 
 
 def build(model: str, size: int, batch: int, dtype, device):
@@ -207,7 +209,7 @@ def measure(work: dict, opts, device, dtype, launched: bool, before_timing=lambd
     timing = dict(device=device, warmup=opts.warmup, iters=opts.iters, before_timing=before_timing)
     with torch.no_grad():
         # The distri modes report their error against the uncompiled UNet.
-        reference = output(unet(*args, **kwargs)) if {"distri1", "distri1-steady", "distri"} & set(modes) else None
+        reference = output(unet(*args, **kwargs)) if {"distri1", "distri1-unchecked", "distri1-steady", "distri"} & set(modes) else None
         if "eager" in modes and not launched:
             record_time(row, "eager", timed(lambda: unet(*args, **kwargs), **timing))
         if "reduce-overhead" in modes and not launched:
@@ -216,6 +218,8 @@ def measure(work: dict, opts, device, dtype, launched: bool, before_timing=lambd
             record_time(row, "reduce-overhead", timed(lambda: compiled(*args, **kwargs), **timing))
         if "distri1" in modes and not launched:
             run_distri(row, "distri N=1", unet, args, kwargs, reference, timing, opts, sync_mode="full_sync")
+        if "distri1-unchecked" in modes and not launched:
+            run_distri(row, "distri N=1 unchecked", unet, args, kwargs, reference, timing, opts, sync_mode="full_sync", check_ranks=False)
         if "distri1-steady" in modes and not launched:
             run_distri(row, "distri N=1 steady, exchanges kept", unet, args, kwargs, reference, timing, opts, single_rank_exchanges=True)
         if "projected" in modes and not launched:

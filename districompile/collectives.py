@@ -16,12 +16,15 @@ collectives in program order, whatever order Inductor would otherwise pick.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
+
+from .errors import DistriCompileError
 
 aten = torch.ops.aten
 
@@ -117,6 +120,17 @@ def row_counts(bounds) -> list[int]:
 # graph node by the displace pass, which writes the same assembly into the program itself.
 
 
+@contextlib.contextmanager
+def exchanging(what: str, x: torch.Tensor):
+    """Name the exchange in the error of a collective that fails (a peer died, failed or timed out)."""
+    try:
+        yield
+    except RuntimeError as error:
+        if isinstance(error, DistriCompileError):
+            raise
+        raise DistriCompileError(f"districompile: the {what} of a {tuple(x.shape)} {x.dtype} tensor failed: {error}") from error
+
+
 def run(op, *args, **kwargs):
     return op(*args, **kwargs)
 
@@ -178,8 +192,9 @@ def fetch_rows(
     b, o, _, a = x.shape
     received = [x.new_empty(b, o, count, a) for count in plan.receive_rows()]
     sends = [(peer, pack_rows(x, runs, x.new_empty(b, o, count, a))) for (peer, runs), count in zip(plan.sends, plan.send_rows())]
-    for work in post_p2p([(peer, t) for (peer, _), t in zip(plan.receives, received)], sends, _resolve_process_group(group)):
-        work.wait()
+    with exchanging(f"halo exchange of rows {need_lo[rank]}:{need_hi[rank]}", x):
+        for work in post_p2p([(peer, t) for (peer, _), t in zip(plan.receives, received)], sends, _resolve_process_group(group)):
+            work.wait()
     return assemble_halo(run, x, x.shape, plan, received, fill, x.dtype, x.device)
 
 
@@ -199,7 +214,8 @@ def gather_rows(x: torch.Tensor, bounds: list[int], rank: int, group: str, after
     block = padded_block(x, max(row_counts(bounds)))
     world = len(bounds) - 1
     gathered = block.new_empty(world * block.numel())  # flat: gloo takes no stacked output
-    all_gather_single(gathered, block.view(-1), group=_resolve_process_group(group))
+    with exchanging("row gather", x):
+        all_gather_single(gathered, block.view(-1), group=_resolve_process_group(group))
     return join_blocks(run, list(gathered.view(world, *block.shape).unbind(0)), bounds)
 
 
@@ -212,7 +228,8 @@ def _(x, bounds, rank, group, after):
 def all_gather_stack(x: torch.Tensor, world: int, group: str, after: list[torch.Tensor]) -> torch.Tensor:
     """Every rank's ``x`` (same shape everywhere), stacked along a new leading dimension."""
     out = x.new_empty(world * x.numel())
-    all_gather_single(out, x.reshape(-1), group=_resolve_process_group(group))
+    with exchanging("all-gather", x):
+        all_gather_single(out, x.reshape(-1), group=_resolve_process_group(group))
     return out.view(world, *x.shape)
 
 
@@ -228,7 +245,8 @@ REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.Re
 def all_reduce(x: torch.Tensor, op: str, group: str, after: list[torch.Tensor]) -> torch.Tensor:
     """The elementwise ``op`` of ``x`` over all ranks."""
     out = x.contiguous().clone()
-    dist.all_reduce(out, op=REDUCE_OPS[op], group=_resolve_process_group(group))
+    with exchanging(f"all-reduce ({op})", x):
+        dist.all_reduce(out, op=REDUCE_OPS[op], group=_resolve_process_group(group))
     return out
 
 

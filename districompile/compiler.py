@@ -46,5 +46,5 @@ def plan(
     # One rank holds the whole image: every op runs as written, with nothing to exchange.
     propagation = propagate(aten_gm, input_specs, world, exchanges and (world > 1 or single_rank_exchanges))
     for fallback in propagation.fallbacks:
-        log.warning("districompile: %s (%s) gathers its sharded inputs: %s", fallback.node, fallback.op, fallback.reason)
+        log.warning("districompile: %s gathers its sharded inputs: %s", fallback, fallback.reason)
     return Plan(aten_gm, propagation, split, world)

@@ -23,11 +23,17 @@ class DistriConfig:
     spatial_inputs: tuple[str, ...] | None = None  # input names to split; None: 4-d float inputs
     # Keep the exchange ops on a single rank (1-rank collectives): to test or time them on one device.
     single_rank_exchanges: bool = False
+    # Compare a fingerprint of every rank's inputs and trajectory state before each call's exchanges.
+    check_ranks: bool = True
+    # Seconds a collective may wait for the other ranks (a dead or failed rank); None: the group's own.
+    timeout: float | None = 600.0
 
     def __post_init__(self):
         for name, allowed in (("sync_mode", SYNC_MODES), ("parallelism", PARALLELISMS), ("lowering", LOWERINGS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"districompile: {name}={getattr(self, name)!r}; choose one of {allowed}")
+        if self.timeout is not None and self.timeout <= 0:
+            raise ValueError(f"districompile: timeout must be > 0 seconds or None, got {self.timeout}")
         if self.warmup_steps < 0:
             raise ValueError(f"districompile: warmup_steps must be >= 0, got {self.warmup_steps}")
         if isinstance(self.spatial_inputs, str):

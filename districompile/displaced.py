@@ -32,6 +32,7 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 from .collectives import (
     REDUCE_OPS,
     all_gather_single,
+    exchanging,
     halo_plan,
     pack_rows,
     post_p2p,
@@ -79,14 +80,15 @@ def halo_shapes(shape, counts: list[int]) -> list[list[int]]:
     return [[shape[0], shape[1], count, shape[3]] for count in counts]
 
 
-def _started(works: list, wait: bool, like: torch.Tensor) -> torch.Tensor:
+def _started(works: list, wait: bool, like: torch.Tensor, what: str) -> torch.Tensor:
     """The op's token: the works are finished (``wait``) or registered against it for the join."""
     token = like.new_empty(0)
-    for work in works:
-        if wait:
-            work.wait()
-        else:
-            torch._C._distributed_c10d._register_work(token, work)
+    with exchanging(what, like):
+        for work in works:
+            if wait:
+                work.wait()
+            else:
+                torch._C._distributed_c10d._register_work(token, work)
     return token
 
 
@@ -102,7 +104,9 @@ def exchange_rows(
     incoming = chunks(run, recv, halo_shapes(x.shape, plan.receive_rows()))
     sends = [(peer, pack_rows(x, runs, chunk)) for (peer, runs), chunk in zip(plan.sends, outgoing)]
     receives = [(peer, chunk) for (peer, _), chunk in zip(plan.receives, incoming)]
-    return _started(post_p2p(receives, sends, _resolve_process_group(group)), wait, x)
+    with exchanging("displaced halo exchange", x):
+        works = post_p2p(receives, sends, _resolve_process_group(group))
+    return _started(works, wait, x, "displaced halo exchange")
 
 
 @torch.library.custom_op("districompile::exchange_blocks", mutates_args=("send", "recv"))
@@ -114,8 +118,9 @@ def exchange_blocks(
     _check_owned("exchange_blocks", send, recv)
     # Rows past x's own are left as they are: readers cut every block to its rank's rows.
     send.view(x.shape[0], x.shape[1], rows, x.shape[3]).narrow(2, 0, x.shape[2]).copy_(x)
-    work = all_gather_single(recv, send, group=_resolve_process_group(group), async_op=True)
-    return _started([work], wait, x)
+    with exchanging("displaced block all-gather", x):
+        work = all_gather_single(recv, send, group=_resolve_process_group(group), async_op=True)
+    return _started([work], wait, x, "displaced block all-gather")
 
 
 @torch.library.custom_op("districompile::exchange_reduce", mutates_args=("send", "recv"))
@@ -127,8 +132,9 @@ def exchange_reduce(
     _check_owned("exchange_reduce", send, recv)
     send.copy_(x.reshape(-1))
     recv.copy_(send)
-    work = dist.all_reduce(recv, op=REDUCE_OPS[op], group=_resolve_process_group(group), async_op=True)
-    return _started([work], wait, x)
+    with exchanging(f"displaced all-reduce ({op})", x):
+        work = dist.all_reduce(recv, op=REDUCE_OPS[op], group=_resolve_process_group(group), async_op=True)
+    return _started([work], wait, x, f"displaced all-reduce ({op})")
 
 
 for _op in (exchange_rows, exchange_blocks, exchange_reduce):
@@ -159,7 +165,8 @@ def join_exchanges(tokens: list[torch.Tensor], outputs: list[torch.Tensor]) -> l
     that the program's outputs depend on, so it is neither dropped nor moved earlier.
     """
     for token in tokens:
-        torch.ops._c10d_functional.wait_tensor(token)
+        with exchanging("join of the displaced exchanges", token):
+            torch.ops._c10d_functional.wait_tensor(token)
     return [x.clone() for x in outputs]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -37,29 +38,60 @@ class ExplainReport:
     def count(self, kind: str) -> int:
         return sum(e.kind == kind for e in self.exchanges)
 
-    def __str__(self) -> str:
-        rows = [("node", "kind", "detail", "bytes/call")]
-        rows += [(e.node, e.kind, e.detail, f"{e.bytes_per_call:,}") for e in self.exchanges if e.kind != "slice"]
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    def families(self) -> dict[tuple[str, str], dict[str, list[Exchange]]]:
+        """The exchanges by family (kind, module type: halos of Conv2d, K/V of Attention, statistics of
+        GroupNorm), then by where in the model (the module path with its indices as ``*``)."""
+        families: dict[tuple[str, str], dict[str, list[Exchange]]] = {}
+        for e in self.exchanges:
+            if e.kind != "slice":
+                where = re.sub(r"(?<=\.)\d+(?=\.|$)", "*", e.module) or "(model)"
+                families.setdefault((e.kind, e.module_type or "-"), {}).setdefault(where, []).append(e)
+        return families
+
+    def format(self, sites: bool = False) -> str:
+        """The summary (per kind, per module family, fallbacks); with ``sites``, one row per exchange site too."""
         ranks = f"each half of the batch on {self.world_size} ranks (batch split)" if self.batch_split else f"{self.world_size} ranks"
         lines = [f"districompile plan: {ranks}, rows per rank split at {list(self.row_bounds)}"]
-        for i, row in enumerate(rows):
-            lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-            if i == 0:
-                lines.append("  ".join("-" * w for w in widths))
         kinds = sorted({e.kind for e in self.exchanges})
         lines.append("per kind: " + ", ".join(f"{k} x{self.count(k)}" for k in kinds))
         lines.append(f"total exchanged per call (all ranks): {self.total_bytes:,} bytes ({self.total_bytes / 2**20:.2f} MiB)")
+        rows = [("family", "where", "sites", "bytes/call")]
+        for (kind, module_type), places in sorted(self.families().items()):
+            for i, (where, exchanges) in enumerate(places.items()):
+                family = f"{kind} in {module_type}" if i == 0 else ""
+                rows.append((family, where, str(len(exchanges)), f"{sum(e.bytes_per_call for e in exchanges):,}"))
+        lines.append("per module family:")
+        lines += _table(rows, indent="  ")
         if self.fallbacks:
             lines.append(f"fallback gathers ({len(self.fallbacks)}): ops with no sharding rule run on whole tensors")
-            lines += [f"  {f.node}: {f.op} ({f.reason})" for f in self.fallbacks]
+            lines += [f"  {f}: {f.reason}" for f in self.fallbacks]
         else:
             lines.append("fallback gathers: none")
+        if sites:
+            rows = [("module", "node", "kind", "detail", "bytes/call", "source")]
+            rows += [
+                (e.module or "(model)", e.node, e.kind, e.detail, f"{e.bytes_per_call:,}", e.source)
+                for e in self.exchanges if e.kind != "slice"
+            ]
+            lines.append("exchange sites:")
+            lines += _table(rows, indent="  ")
         return "\n".join(lines)
 
+    def __str__(self) -> str:
+        return self.format()
 
-def explain(model, *args, world_size: int, verbose: bool = True, **options) -> ExplainReport:
-    """Plan ``model(*args, **kwargs)`` for ``world_size`` ranks and print the exchange table.
+
+def _table(rows: list[tuple[str, ...]], indent: str) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = [indent + "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, indent + "  ".join("-" * w for w in widths))
+    return lines
+
+
+def explain(model, *args, world_size: int, verbose: bool = True, sites: bool = False, **options) -> ExplainReport:
+    """Plan ``model(*args, **kwargs)`` for ``world_size`` ranks and print the plan (``verbose``):
+    exchanges per kind and per module family, and fallbacks, by the model's module paths; with
+    ``sites``, also one row per exchange site (module, ATen node, kind, detail, bytes, source line).
 
     Keyword arguments that are backend options (``sync_mode``...) configure the plan; the rest
     are passed to the model. Nothing is computed: shapes are traced with fake tensors. Where
@@ -102,5 +134,5 @@ def explain(model, *args, world_size: int, verbose: bool = True, **options) -> E
         world_size, model_plan.split.bounds, prop.exchanges, prop.fallbacks, model_plan, inputs, batch_plan is not None
     )
     if verbose:
-        print(report)
+        print(report.format(sites))
     return report

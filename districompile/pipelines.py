@@ -1,4 +1,4 @@
-"""``parallelize``: patch-parallel denoising for a diffusers pipeline in one call."""
+"""``parallelize``: patch-parallel denoising and VAE decode for a diffusers pipeline in one call."""
 
 from __future__ import annotations
 
@@ -11,23 +11,41 @@ from .config import DistriConfig
 from .runtime import reset
 
 
-def parallelize(pipe, **options):
+def parallelize(pipe, split_vae: bool = True, **options):
     """Compile ``pipe.unet`` (and ``pipe.controlnet``, where the pipeline has one) with
-    ``backend="distri"`` and wrap ``pipe.__call__``.
+    ``backend="distri"`` and ``options``, and wrap ``pipe.__call__``.
+
+    ``split_vae`` (default on): ``pipe.vae.decode`` and ``pipe.vae.encode`` (which image-to-image
+    pipelines call on their input image) are compiled too, in ``full_sync`` (exact; no warm-up,
+    nothing stale), so the VAE also runs split across the ranks, every rank computing its own rows;
+    its other options are ``options``' (lowering, group...). The decode is a collective, so every
+    rank decodes. ``districompile.runtimes(pipe.vae.decode)`` are the decoder's compiled graphs.
 
     Every rank calls the pipeline with the same arguments (the same ``prompt_embeds``). Each
     call starts a new trajectory (``reset``), shares one random seed across ranks when no
     ``generator`` or ``latents`` is given, shows the progress bar on rank 0 only, and returns
-    the decoded images on rank 0; the other ranks skip the VAE and get the final latents
+    the images as asked on rank 0. The other ranks get, with ``split_vae``, the same decoded
+    images as a tensor (the pipeline's ``output_type="pt"``: (N, 3, H, W) in [0, 1], not
+    converted to numpy or PIL); without it they skip the VAE and get the final latents
     (``output_type="latent"``). Returns ``pipe``.
     """
-    config = DistriConfig.from_options(options)
+    config = DistriConfig.from_options(options)  # unknown options raise here, naming them
     group = config.group or dist.group.WORLD
     rank = dist.get_rank(group)
     models = [pipe.unet] + ([pipe.controlnet] if getattr(pipe, "controlnet", None) is not None else [])
     pipe.unet = torch.compile(pipe.unet, backend="distri", options=options, dynamic=False)
     if len(models) > 1:  # its residuals come out whole on every rank; the UNet splits them again
         pipe.controlnet = torch.compile(pipe.controlnet, backend="distri", options=options, dynamic=False)
+    if split_vae:
+        # The VAE's input is split by default (the latent, the image): spatial_inputs name the UNet's.
+        vae_options = {k: v for k, v in options.items() if k != "spatial_inputs"}
+        vae_options.update(sync_mode="full_sync", parallelism="patch")
+        for name in ("decode", "encode"):
+            compiled = torch.compile(_Method(getattr(pipe.vae, name)), backend="distri", options=vae_options, dynamic=False)
+            # In the instance's __dict__, over the class's method: not a submodule, so the VAE's modules
+            # and state_dict stay as they were.
+            pipe.vae.__dict__[name] = compiled
+            models.append(compiled)
     pipe.set_progress_bar_config(disable=rank != 0)
     call = type(pipe).__call__
 
@@ -39,10 +57,23 @@ def parallelize(pipe, **options):
             seed = torch.randint(0, 2**31 - 1, (1,))
             dist.broadcast(seed, src=dist.get_global_rank(group, 0), group=group)
             kwargs["generator"] = torch.Generator(device="cpu").manual_seed(int(seed))
-        if rank != 0:
-            kwargs["output_type"] = "latent"
+        if rank != 0 and kwargs.get("output_type") != "latent":
+            # A split decode needs every rank; the conversion to numpy or PIL is rank 0's alone.
+            kwargs["output_type"] = "pt" if split_vae else "latent"
         return call(self, *args, **kwargs)
 
     # ``pipe(...)`` looks __call__ up on the class, so the pipeline gets a subclass of its own.
     pipe.__class__ = type(type(pipe).__name__, (type(pipe),), {"__call__": parallel_call})
     return pipe
+
+
+class _Method(torch.nn.Module):
+    """A module's method (``vae.decode``) as the forward of a module of its own: districompile keeps a
+    compiled model's runtime on the compiled module, and ``reset`` and ``runtimes`` reach it there."""
+
+    def __init__(self, method):
+        super().__init__()
+        self.method = method  # a bound method, not a submodule: this module has no parameters of its own
+
+    def forward(self, *args, **kwargs):
+        return self.method(*args, **kwargs)

@@ -1,8 +1,11 @@
-"""One runtime per compiled graph: its process group, per-shape programs and trajectory state."""
+"""One runtime per Dynamo graph: it compiles the per-rank programs of each input shape and runs
+them for the model the call belongs to (``trajectory.ModelRuntime``)."""
 
 from __future__ import annotations
 
+import datetime
 import logging
+import re
 import time
 import weakref
 
@@ -10,22 +13,22 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 
+from .agreement import AGREED, check_ranks_agree, gather_rows_of_ranks, local_row
 from .backends.cudagraphs import PhaseGraph
 from .backends.lowering import lower, on_cuda
-from .batch_split import BatchSplit, batch_split
+from .batch_split import batch_split
 from .compiler import plan
 from .config import DistriConfig
 from .displaced import allocate_buffers
 from .errors import DistriCompileError
-from .passes.annotate import spatial_inputs
+from .passes.annotate import input_names, spatial_inputs, timestep_inputs
 from .passes.displace import displace
 from .passes.sequence import sequence_exchanges
+from .trajectory import NEW_SAMPLE_JUMP, ModelLookup, ModelRuntime, Trajectory, model_runtimes
 
 log = logging.getLogger(__name__)
 torch._logging._internal.register_artifact("distri_graph", "the per-rank program districompile writes", off_by_default=True)
 graph_log = torch._logging.getArtifactLogger(__name__, "distri_graph")
-
-_LIVE: "weakref.WeakSet[DistriRuntime]" = weakref.WeakSet()
 
 
 def _shape_key(args, positions) -> tuple:
@@ -34,73 +37,69 @@ def _shape_key(args, positions) -> tuple:
     )
 
 
-class Trajectory:
-    """The compiled phases of one input shape, the exchange buffers they share, and where the
-    current trajectory stands.
-
-    ``programs`` are the per-rank FX programs by phase ("synchronous", or "warm-up" and
-    "steady"; "unsplit" for a graph with no spatial input), ``lowered`` the callables that run them. A displaced shape owns its exchange
-    buffers (``buffers``): every phase takes them as its last inputs, and the warm-up writes
-    them before any steady call reads them.
-    """
-
-    def __init__(self, programs: dict, lowered: dict, buffers: list, warmup_steps: int, batch_split: BatchSplit | None):
-        self.programs, self.lowered, self.buffers = programs, lowered, buffers
-        self.warmup_steps = warmup_steps
-        self.batch_split = batch_split  # None: the phases run the whole batch over the whole group
-        self.calls = 0  # calls of the current trajectory
-        self.phase_calls = dict.fromkeys(programs, 0)  # over all trajectories
-        self.last_timestep: float | None = None
-
-    @property
-    def displaced(self) -> bool:
-        return "steady" in self.programs
-
-    def restart(self):
-        self.calls = 0
-        self.last_timestep = None
-
-    def __call__(self, *args):
-        """Run the warm-up program for the first calls of a trajectory, the steady one after."""
-        if not self.displaced:
-            (phase,) = self.programs  # "synchronous" or "unsplit"
-        else:
-            phase = "steady" if self.calls >= self.warmup_steps else "warm-up"
-        self.calls += 1
-        self.phase_calls[phase] += 1
-        return self.lowered[phase](*args, *self.buffers)
+def _graph_name() -> str:
+    """The traced function, and for the graph after a graph break, the line it resumes at."""
+    context = torch._guards.TracingContext.try_get()
+    if context is None or not context.traced_code:
+        return "graph"
+    code = context.traced_code[0]
+    resumed = re.fullmatch(r"torch_dynamo_resume_in_(\w+)_at_(\d+)", code.co_name)
+    if resumed:
+        return f"graph of {resumed[1]} from line {resumed[2]}"
+    return f"graph of {code.co_name}"
 
 
 class DistriRuntime:
-    """Compiles the Dynamo graph into per-rank programs for each input shape and runs them.
+    """Compiles one Dynamo graph into per-rank programs for each input shape, and runs them.
 
     With a displaced ``sync_mode`` each shape has two programs: the warm-up one (exchanges
     synchronous, their results recorded) and the steady one (stale exchanges, sent
-    asynchronously for the next call). A trajectory restarts on ``reset()`` or when a
-    timestep goes up (diffusion timesteps fall along a trajectory).
+    asynchronously for the next call). The compiled shapes and where the trajectory stands
+    belong to the model (``trajectory.ModelRuntime``), shared by all of its graphs. Each call
+    first checks that the ranks agree (``agreement``); a trajectory restarts on ``reset()``, on
+    new input shapes, when a timestep goes up (they fall along a trajectory) or when the sample
+    jumps (``NEW_SAMPLE_JUMP``: not the previous step's continuation).
     """
 
     def __init__(self, dynamo_gm: fx.GraphModule, example_inputs: list, config: DistriConfig):
         self.dynamo_gm = dynamo_gm
         self.config = config
         self.spatial = spatial_inputs(dynamo_gm, example_inputs, config.spatial_inputs)
+        self.timesteps = timestep_inputs(dynamo_gm, example_inputs, self.spatial)
+        placeholders = [n for n in dynamo_gm.graph.nodes if n.op == "placeholder"]
+        self.input_names = [answers[0] for answers in input_names(placeholders)]
+        self.name = _graph_name()
         # Dynamo reuses one graph for every instance of a model class (parameters are inputs),
-        # so trajectories are kept per model, told apart by the parameter tensors of each call.
+        # so each call's model is told apart by the parameter tensors it passes.
         self.parameter_positions = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)]
         # Parameter shapes are fixed by the graph: a per-call key over the other inputs is enough
         # (and keeps the per-call cost off the thousands of parameters of a large UNet).
         self.data_positions = [i for i, x in enumerate(example_inputs) if not isinstance(x, torch.nn.Parameter)]
-        self.timesteps = [
-            i for i, x in enumerate(example_inputs)
-            if isinstance(x, torch.Tensor) and x.numel() <= 2 and not isinstance(x, torch.nn.Parameter) and i not in self.spatial
-        ]
-        self.trajectories: dict[tuple, Trajectory] = {}
+        # no_sync leaves the other ranks' rows of each output stale, so the ranks' samples differ by
+        # design there: the check compares their shapes only.
+        self.fingerprinted = [i for i in self.data_positions if not (config.sync_mode == "no_sync" and i in self.spatial)]
+        self.models = ModelLookup(self.name, config)
+        self.served: weakref.WeakSet[ModelRuntime] = weakref.WeakSet()
+        self.timed_groups: set[str] = set()
         self.compilations = 0
-        _LIVE.add(self)
 
     @property
     def displaced(self) -> bool:
         return self.config.sync_mode != "full_sync" and self.config.exchanges
+
+    @property
+    def trajectories(self) -> dict[tuple, Trajectory]:
+        """This graph's compiled shapes, over the models it ran for: ``{(owner, shapes): Trajectory}``."""
+        return {key: t for model in list(self.served) for key, t in model.compiled.get(self, {}).items()}
+
+    def graph_counts(self) -> dict[str, int]:
+        """CUDA graph captures and replays, and calls run without a graph, over all phases."""
+        phases = [p for t in self.trajectories.values() for p in t.lowered.values() if isinstance(p, PhaseGraph)]
+        return {
+            "captures": sum(p.captures for p in phases),
+            "replays": sum(p.replays for p in phases),
+            "eager_calls": sum(p.eager_calls for p in phases),
+        }
 
     def group(self):
         if not dist.is_initialized():
@@ -108,7 +107,16 @@ class DistriRuntime:
                 "backend='distri' needs torch.distributed: call dist.init_process_group() on every rank "
                 "(torchrun sets the rank and world size); districompile.explain() needs none"
             )
-        return self.config.group or dist.group.WORLD
+        group = self.config.group or dist.group.WORLD
+        self._bound_waits(group)
+        return group
+
+    def _bound_waits(self, *groups):
+        """A rank that died or failed midway leaves the others waiting in a collective: bound the wait."""
+        for group in groups:
+            if self.config.timeout is not None and group.group_name not in self.timed_groups:
+                dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=self.config.timeout), group)
+                self.timed_groups.add(group.group_name)
 
     def _lower(self, program, args, phase: str, pool, persistent: int):
         self.compilations += 1
@@ -127,6 +135,7 @@ class DistriRuntime:
         group, graph = self.group(), self.dynamo_gm
         split = batch_split(self.dynamo_gm, args, self.spatial, self.config, group)
         if split is not None:  # the phases run this rank's half of the batch over its half of the ranks
+            self._bound_waits(split.patch_group, split.pair_group)
             group, graph, args = split.patch_group, split.program, split.slice_inputs(args)
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         model_plan = plan(graph, list(args), self.spatial, world, self.config.exchanges, self.config.single_rank_exchanges)
@@ -149,51 +158,85 @@ class DistriRuntime:
         lowered = {phase: self._lower(p, inputs, phase, pool, len(buffers)) for phase, p in programs.items()}
         return Trajectory(programs, lowered, buffers, warmup_steps, split)
 
-    def graph_counts(self) -> dict[str, int]:
-        """CUDA graph captures and replays, and calls run without a graph, over all phases."""
-        phases = [p for t in self.trajectories.values() for p in t.lowered.values() if isinstance(p, PhaseGraph)]
-        return {
-            "captures": sum(p.captures for p in phases),
-            "replays": sum(p.replays for p in phases),
-            "eager_calls": sum(p.eager_calls for p in phases),
-        }
-
-    def owner(self, args) -> int | None:
-        return id(args[self.parameter_positions[0]]) if self.parameter_positions else None
-
-    def owners(self) -> set:
-        return {key[0] for key in self.trajectories}
-
-    def reset(self, owners: set | None = None):
-        for (owner, _), trajectory in self.trajectories.items():
-            if owners is None or owner in owners:
-                trajectory.restart()
-
-    def _timestep(self, args) -> float | None:
-        if not self.timesteps:
-            return None
-        return max(float(args[i].max()) for i in self.timesteps)
+    def describe(self, args, model: ModelRuntime, calls: int) -> str:
+        """This rank's inputs and state, for an error that compares the ranks."""
+        inputs = ", ".join(
+            f"{self.input_names[i]} {tuple(args[i].shape)} {str(args[i].dtype).removeprefix('torch.')} sum {float(args[i].double().sum()):.6g}"
+            if isinstance(args[i], torch.Tensor) else f"{self.input_names[i]}={args[i]!r}"
+            for i in self.data_positions
+        )
+        return f"{model.name} {self.name}, trajectory {model.restarts}, call {calls + 1}: {inputs}"
 
     def __call__(self, *args):
-        key = (self.owner(args), _shape_key(args, self.data_positions))
-        if key not in self.trajectories:
-            self.trajectories[key] = self.compile(args)
-        trajectory = self.trajectories[key]
-        if trajectory.displaced:
-            timestep = self._timestep(args)
-            if timestep is not None and trajectory.last_timestep is not None and timestep > trajectory.last_timestep:
-                trajectory.restart()
-            trajectory.last_timestep = timestep
-        split = trajectory.batch_split
-        if split is None:
-            return trajectory(*args)
-        return split.gather_outputs(trajectory(*split.slice_inputs(args)))
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            raise DistriCompileError(
+                "districompile runs inference only (its exchanges have no autograd formula): call the model under "
+                "torch.no_grad() or torch.inference_mode()"
+            )
+        owner = args[self.parameter_positions[0]] if self.parameter_positions else None
+        model = self.models(owner)
+        if model.failure is not None:
+            raise DistriCompileError(model.failure)
+        self.served.add(model)
+        key = (id(owner), _shape_key(args, self.data_positions))
+        compiled = model.trajectory(self, key)
+        calls = compiled.calls if compiled is not None else 0
+        # The same graph and model at other shapes, this trajectory: new shapes begin a new one.
+        reshaped = any(t.last_call is not None for k, t in model.compiled.get(self, {}).items() if k[0] == key[0] and k != key)
+        leading = reshaped or model.leads(compiled)
+        sample = args[self.spatial[0]] if self.spatial else None
+        last_sample = compiled.last_sample if compiled is not None and leading else None
+        group = self.group() if self.spatial and self.config.check_ranks else None
+        row = local_row(args, self.data_positions, self.fingerprinted, self.timesteps, sample, last_sample, model.restarts, calls)
+        where = f"call {calls + 1} of {model.name}'s trajectory ({self.name})"
+        rows = gather_rows_of_ranks(row, group, where)
+        if group is not None:
+            check_ranks_agree(rows, lambda: self.describe(args, model, calls), group, where)
+        if compiled is None:
+            compiled = self.compile(args)
+            model.add(self, key, compiled)
+        if leading:
+            self._maybe_restart(model, reshaped, rows[0])
+            if sample is not None and compiled.displaced:
+                compiled.last_sample = sample.detach().clone()
+        model.enter(compiled, self.name)
+        return self._run(model, compiled, args)
+
+    def _maybe_restart(self, model: ModelRuntime, reshaped: bool, row: list[float]):
+        """The leading graph of a model call sees a new trajectory begin (see the class docstring)."""
+        timestep, moved, norm = row[len(AGREED) :]
+        if reshaped:
+            model.restart("new input shapes")
+        elif timestep >= 0 and model.last_timestep is not None and timestep > model.last_timestep:
+            model.restart(f"the timestep rose from {model.last_timestep:g} to {timestep:g}")
+        elif moved > NEW_SAMPLE_JUMP * norm:
+            model.restart(f"the sample moved by {moved / max(norm, 1e-30):.2f} of its norm: a new image")
+        if timestep >= 0:
+            model.last_timestep = timestep
+
+    def _run(self, model: ModelRuntime, compiled: Trajectory, args):
+        calls, phase = compiled.calls, compiled.phase()
+        try:
+            split = compiled.batch_split
+            if split is None:
+                return compiled(*args)
+            return split.gather_outputs(compiled(*split.slice_inputs(args)))
+        except Exception as error:
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            where = f"call {calls + 1} of {model.name}'s trajectory ({phase} phase, {self.name}, rank {rank})"
+            if compiled.programs.keys() != {"unsplit"}:
+                # Its exchanges may be half done: the other ranks wait in them, and this rank's next
+                # call would pair with the wrong ones.
+                model.failure = (
+                    f"districompile: {where} failed earlier ({type(error).__name__}: {error}); the ranks' exchanges are "
+                    "out of step since. Restart the processes (a new process group) to go on"
+                )
+            raise DistriCompileError(f"districompile: {where} failed: {error}") from error
 
 
 def runtimes(model) -> list[DistriRuntime]:
-    """The runtimes of ``model``'s compiled graphs (one per graph Dynamo captured)."""
-    ids = {id(p) for p in model.parameters()}
-    return [r for r in list(_LIVE) if r.owners() & ids]
+    """The runtimes of ``model``'s compiled graphs (one per graph Dynamo captured, per set of options)."""
+    return [graph for found in model_runtimes(model) for graph in found.graphs]
 
 
 def reset(model) -> int:
@@ -201,8 +244,7 @@ def reset(model) -> int:
 
     Returns how many compiled graphs were reset.
     """
-    ids = {id(p) for p in model.parameters()}
-    found = runtimes(model)
-    for runtime in found:
-        runtime.reset(ids)
-    return len(found)
+    found = model_runtimes(model)
+    for model_runtime in found:
+        model_runtime.restart()
+    return sum(len(m.graphs) for m in found)

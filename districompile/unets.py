@@ -1,12 +1,16 @@
 """UNet architectures as ``diffusers.UNet2DConditionModel`` configs: SDXL's, full size or scaled
-down, and a tiny SD-1.5.
+down, and a tiny SD-1.5; SDXL's VAE (``diffusers.AutoencoderKL``), full size or tiny; and one small
+trained UNet2DModel.
 
 No weights can be downloaded where districompile's examples, benchmarks and tests run, so they
 build these architectures with random weights. Here are the configs and SDXL's micro-conditioning
-input, written once.
+input, written once. The exception is ``trained_shapes_unet()``, trained here on the CPU
+(examples/train_tiny.py), its weights shipped in the package (docs/QUALITY.md).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
@@ -76,3 +80,51 @@ TINY_SD15 = dict(
     attention_head_dim=8,
     norm_num_groups=8,
 )
+
+
+# A small pixel-space UNet2DModel trained here (examples/train_tiny.py) on procedurally drawn
+# shapes at 32x32: three levels (two downsamplings), self-attention at the lower two, GroupNorm.
+SHAPES_UNET = dict(
+    sample_size=32,
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(32, 64, 64),
+    layers_per_block=1,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=16,
+    norm_num_groups=8,
+)
+SHAPES_WEIGHTS = Path(__file__).parent / "weights" / "shapes_unet.safetensors"
+
+
+def trained_shapes_unet():
+    """The trained shapes UNet (``SHAPES_UNET`` with the shipped weights), in eval mode.
+
+    An epsilon-predicting DDPM model for images in [-1, 1] on diffusers' default linear noise
+    schedule: sample it with ``DDIMScheduler()`` (defaults), at 32x32 or larger.
+    """
+    from diffusers import UNet2DModel
+    from safetensors.torch import load_file
+
+    unet = UNet2DModel(**SHAPES_UNET)
+    unet.load_state_dict(load_file(SHAPES_WEIGHTS))
+    return unet.eval()
+
+
+# SDXL's VAE (``diffusers.AutoencoderKL``, stabilityai/sdxl-vae's config): 8x down to 4 latent channels.
+SDXL_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=1024,
+    scaling_factor=0.13025,
+    force_upcast=True,
+)
+# Scaled down for CPU runs: SDXL's VAE layout at widths of 8-16; tiled decode tiles above 32 pixels.
+TINY_VAE = {**SDXL_VAE, "block_out_channels": (8, 16, 16, 16), "layers_per_block": 1, "norm_num_groups": 8, "sample_size": 32}

@@ -1,7 +1,8 @@
 """Run a small SDXL-like diffusers UNet patch-parallel with the ``distri`` backend.
 
 Prints the exchange plan, the error against the single-device eager UNet, and the time per
-call of both. Runs on all GPUs with NCCL when CUDA is available, else on CPU processes with gloo:
+call of both (on CPU processes, what that comparison does and does not show). Runs on all GPUs with
+NCCL when CUDA is available, else on CPU processes with gloo:
 
     python examples/demo.py                          # spawns its own ranks
     torchrun --nproc-per-node 2 examples/demo.py     # or under torchrun
@@ -21,6 +22,16 @@ from districompile.unets import sdxl_config, sdxl_time_ids
 from launch import launch
 
 TEXT_TOKENS, TEXT_DIM, TIME_EMBED_DIM = 77, 128, 32
+
+CPU_NOTE = """\
+What this CPU run shows: the plan (the exchange report above: which layers exchange what, and how
+many bytes) and that the split is exact (the error above, against one process). It is not a speed
+test: the ranks split this machine's cores between them (the one-process baseline had them all)
+and every exchange is a gloo round trip over local TCP, so the ranks come out slower than one
+process. Speed needs GPUs joined by NVLink (NCCL exchanges, overlapped with compute in the
+displaced sync modes) and CUDA graphs (on by default on CUDA: one launch per call, collectives
+inside). The GPU benchmark: torchrun --nproc-per-node N benchmarks/multi_gpu.py;
+docs/PERFORMANCE.md has single-GPU and projected per-rank figures."""
 
 
 def parse_args():
@@ -115,6 +126,8 @@ def run(args, rank, world_size, device):
         print(f"max relative error vs eager: {error:.2e}  (max |distri - eager| / max |eager|)")
         print(f"{'eager, 1 device:':<20}{eager_seconds * 1e3:8.1f} ms/call")
         print(f"{f'distri, {world_size} ranks:':<20}{distri_seconds * 1e3:8.1f} ms/call")
+        if device.type == "cpu":
+            print(CPU_NOTE)
 
 
 def main():

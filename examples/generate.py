@@ -110,7 +110,7 @@ def random_embeddings(pipe, seed):
 
 
 def generate(pipe, embeds, args, steps):
-    """Run the pipeline once; returns its images (latents on ranks other than 0 once parallelized)
+    """Run the pipeline once; returns its images (a tensor on ranks other than 0 once parallelized)
     and the seconds that each denoising step took."""
     device = pipe.device
     stamps = []

@@ -76,7 +76,9 @@ def _wait_all_or_first_failure(procs, timeout):
         if remaining <= 0:
             return
         for sentinel in wait(list(running), timeout=remaining):
-            if running.pop(sentinel).exitcode != 0:
+            proc = running.pop(sentinel)
+            proc.join()  # a ready sentinel can come before the exit code is reaped (None)
+            if proc.exitcode != 0:
                 return
 
 

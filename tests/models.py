@@ -347,7 +347,12 @@ class MicroUNet(nn.Module):
         self.conv_out = nn.Conv2d(2 * c, 4, 3, padding=1)
 
     def forward(self, x, timestep):
-        h0 = self.conv_in(x) + self.time(timestep.reshape(-1, 1) / 1000)[:, :, None, None]
+        return self.body(self.stem(x, timestep))
+
+    def stem(self, x, timestep):
+        return self.conv_in(x) + self.time(timestep.reshape(-1, 1) / 1000)[:, :, None, None]
+
+    def body(self, h0):
         h = self.down(F.silu(self.norm(h0)))
         b, c, height, width = h.shape
         tokens = h.flatten(2).transpose(1, 2)  # (B, H*W, C)

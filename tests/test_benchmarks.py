@@ -10,6 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -69,3 +72,38 @@ def test_multi_gpu_script_on_two_cpu_ranks(tmp_path):
     for key in ("1 device UNet loop s", "distri split on UNet loop s", "distri split off pipeline s"):
         assert row[key] > 0
     assert "| size | ranks | steps |" in stdout
+
+
+def test_vae_bench_on_cpu(tmp_path):
+    stdout, result = run(
+        [sys.executable, "vae_bench.py", "--model", "tiny", "--sizes", "64", "--dtype", "fp32", "--modes", "plain", "tiled",
+         "projected", "--worlds", "2", "--iters", "1", "--warmup", "0", "--out", str(tmp_path)],
+        tmp_path,
+    )
+    (row,) = result["rows"]
+    assert row["size"] == 64
+    for key in ("plain ms", "tiled ms", "projected N=2, per rank ms"):
+        assert row[key] > 0
+    # The decoder's plan: halos and GroupNorm statistics, the decoded image gathered.
+    assert row["N=2 MiB/call"] > 0
+    assert all(f"{kind}:" in row["N=2 exchanges"] for kind in ("halo", "stats_allgather", "output_gather"))
+    assert "| size | plain ms | tiled ms |" in stdout.splitlines()[-3]  # the table, printed last
+
+
+def test_vae_bench_reports_out_of_memory_in_the_row(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import vae_bench
+
+    def compile_out_of_memory():  # Inductor wraps what it catches
+        raise RuntimeError("compiling failed") from torch.OutOfMemoryError("CUDA out of memory")
+
+    row = {}
+    timing = {"device": torch.device("cpu"), "warmup": 0, "iters": 1}
+    vae_bench.measure(row, "compiled", compile_out_of_memory, timing)
+    assert row == {"compiled ms": "OOM"}
+
+    def other_error():
+        raise ValueError("not a memory problem")
+
+    with pytest.raises(ValueError):
+        vae_bench.measure(row, "plain", other_error, timing)

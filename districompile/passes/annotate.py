@@ -51,7 +51,7 @@ def _traced_function_parameters() -> tuple[str | None, str | None, list[str]]:
         traced = set(context.traced_code)
         for function in gc.get_referrers(root):
             inner = inspect.unwrap(function) if inspect.isfunction(function) else None
-            if inner is not None and inner is not function and inner.__code__ in traced:
+            if inspect.isfunction(inner) and inner is not function and inner.__code__ in traced:
                 params = inspect.signature(inner).parameters.values()
                 positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
                 return varargs, varkw, positional[root.co_argcount :]  # the wrapper's own (self) come first
@@ -99,6 +99,36 @@ def spatial_inputs(dynamo_gm: fx.GraphModule, inputs: list, names: tuple[str, ..
             f"{list(dict.fromkeys(offered))} (an element of a tuple or dict argument also answers to name[index] or name['key'])"
         )
     return [position for position, answers in enumerate(known) if any(name in answers for name in names)]
+
+
+_EMBEDDING_OPS = {torch.sin, torch.cos, torch.Tensor.sin, torch.Tensor.cos, "sin", "cos"}
+
+
+def timestep_inputs(dynamo_gm: fx.GraphModule, inputs: list, spatial: list[int]) -> list[int]:
+    """Positions of the timesteps: 0-d inputs, or 1-d ones of one value or one per sample, that
+    feed a sinusoidal time embedding (a ``sin`` or ``cos`` downstream); where none does (a learned
+    embedding of the raw value), the floating ones of that shape. The runtime watches them to see
+    a new trajectory begin. Only inside a backend call."""
+    placeholders = [n for n in dynamo_gm.graph.nodes if n.op == "placeholder"]
+    batch = {inputs[p].shape[0] for p in spatial}
+    candidates = [
+        position for position, (node, value) in enumerate(zip(placeholders, inputs))
+        if isinstance(value, torch.Tensor) and position not in spatial and not is_model_state(node, value)
+        and not value.is_complex() and (value.dim() == 0 or (value.dim() == 1 and (value.numel() == 1 or value.numel() in batch)))
+    ]
+    sinusoidal = [position for position in candidates if _feeds_sinusoid(placeholders[position])]
+    return sinusoidal or [position for position in candidates if inputs[position].is_floating_point()]
+
+
+def _feeds_sinusoid(node: fx.Node) -> bool:
+    seen, frontier = {node}, [node]
+    while frontier:
+        users = [u for n in frontier for u in n.users if u not in seen]
+        if any(u.target in _EMBEDDING_OPS for u in users if u.op in ("call_function", "call_method")):
+            return True
+        seen.update(users)
+        frontier = users
+    return False
 
 
 def _downsampling(specs) -> list[Fraction]:

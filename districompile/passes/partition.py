@@ -14,6 +14,7 @@ import torch.fx as fx
 
 from .. import local_ops
 from ..sharding import Replicate, Shard, Spec
+from .capture import NAMING_META
 from .propagate import Propagation
 
 aten = torch.ops.aten
@@ -26,9 +27,12 @@ class Emitter:
     def __init__(self, graph: fx.Graph, specs: dict, rank: int, world: int, group: str):
         self.graph, self.specs = graph, specs
         self.rank, self.world, self.group = rank, world, group
+        self.names = {}  # the module path and source line of the node being emitted, for every node written for it
 
     def call(self, target, *args, **kwargs) -> fx.Node:
-        return self.graph.call_function(target, tuple(args), kwargs)
+        node = self.graph.call_function(target, tuple(args), kwargs)
+        node.meta.update(self.names)
+        return node
 
     def exchange(self, kind: str, target, *args) -> fx.Node:
         """An exchange op, tagged with its kind for the displace and sequence passes and the tests.
@@ -127,10 +131,13 @@ def partition(
         elif node.op == "get_attr":
             env[node] = graph.get_attr(node.target)
         elif node.op == "output":
+            em.names = {}
             outputs = fx.node.map_arg(node.args[0], lambda n: redistribute(n, Replicate(), "output_gather") if isinstance(prop.specs.get(n), Shard) and whole_io else env[n])
             graph.output(outputs)
         else:
             decision = prop.decisions[node]
+            # The half-batch program is captured and planned again: its nodes keep the model's names.
+            em.names = {key: node.meta[key] for key in NAMING_META if key in node.meta}
             args, kwargs = fx.node.map_arg(
                 (node.args, node.kwargs), lambda a: redistribute(a, decision.require.get(a, prop.specs[a]), decision.gather_kind)
             )

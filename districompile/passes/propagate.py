@@ -14,6 +14,7 @@ import torch.fx as fx
 from ..rules import Decision, Exchange, RuleContext, lookup
 from ..rules.registry import replicate_all
 from ..sharding import Replicate, Shard, Spec
+from .capture import module_path, module_type, source_line
 
 
 @dataclass
@@ -21,6 +22,12 @@ class Fallback:
     node: str
     op: str
     reason: str
+    module: str = ""  # the module path the op was traced in, and its source line (``passes/capture.py``)
+    source: str = ""
+
+    def __str__(self) -> str:
+        where = f"{self.module or '(model)'}: {self.op} ({self.node})"
+        return where + (f" at {self.source}" if self.source else "")
 
 
 @dataclass
@@ -45,6 +52,12 @@ def _has_shard(spec) -> bool:
 def _tensor_bytes(node: fx.Node) -> int:
     val = node.meta["val"]
     return val.numel() * val.dtype.itemsize
+
+
+def _named(exchange: Exchange, node: fx.Node) -> Exchange:
+    """``exchange`` named by the module that ``node`` (the op that needs it) was traced in."""
+    exchange.module, exchange.module_type, exchange.source = module_path(node), module_type(node), source_line(node)
+    return exchange
 
 
 def _redistribution(arg: fx.Node, have: Spec, want: Spec, consumer: fx.Node, kind: str) -> Exchange | None:
@@ -80,7 +93,7 @@ def propagate(gm: fx.GraphModule, input_specs: dict[fx.Node, Spec], world: int, 
             decision = rule(ctx, node) if rule is not None else None
             if decision is None:
                 reason = "no sharding rule" if rule is None else "rule cannot shard this case"
-                result.fallbacks.append(Fallback(node.name, op_name(node), reason))
+                result.fallbacks.append(Fallback(node.name, op_name(node), reason, module_path(node), source_line(node)))
                 decision = Decision(
                     replicate_all(node),
                     {a: Replicate() for a in node.all_input_nodes if isinstance(specs.get(a), Shard)},
@@ -92,17 +105,17 @@ def propagate(gm: fx.GraphModule, input_specs: dict[fx.Node, Spec], world: int, 
             seen_redistributions.add(key)
             entry = _redistribution(arg, specs[arg], want, node, decision.gather_kind)
             if entry is not None:
-                result.exchanges.append(entry)
-        result.exchanges.extend(decision.exchanges)
+                result.exchanges.append(_named(entry, node))
+        result.exchanges.extend(_named(e, node) for e in decision.exchanges)
         result.decisions[node] = decision
         specs[node] = decision.out
     output = next(n for n in gm.graph.nodes if n.op == "output")
     for arg in _flat_nodes(output.args):
         if isinstance(specs.get(arg), Shard):
             world = specs[arg].split.world
-            result.exchanges.append(
-                Exchange(arg.name, "output_gather", str(list(arg.meta["val"].shape)), _tensor_bytes(arg) * (world - 1))
-            )
+            result.exchanges.append(_named(
+                Exchange(arg.name, "output_gather", str(list(arg.meta["val"].shape)), _tensor_bytes(arg) * (world - 1)), arg
+            ))
     return result
 
 

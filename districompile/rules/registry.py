@@ -26,6 +26,10 @@ class Exchange:
     kind: str  # halo, kv_gather, stats_allgather, allreduce, gather, output_gather, slice
     detail: str
     bytes_per_call: int  # summed over ranks: what all ranks receive in one call
+    # Where, in the model's terms (filled in by propagate): the module path, its class, the source line.
+    module: str = ""
+    module_type: str = ""
+    source: str = ""
 
 
 @dataclass

@@ -1,0 +1,84 @@
+"""Ranks that disagree get an error before any exchange: each call starts by comparing a small
+fingerprint of every rank's inputs and trajectory state.
+
+The contract is that every rank passes the same inputs and is at the same call of the same
+trajectory. When it is broken (a different seed per rank, a rank that raised and called again,
+one that passes another height), the ranks' exchanges pair up wrongly: a mixed image, or a
+collective of mismatched sizes that aborts the process. A fixed-size all-gather of a few
+numbers per rank, run before anything else of the call, turns that into an error on every rank
+naming what differs. The same numbers carry what the trajectory needs to know on the host (the
+timestep, how far the sample moved), so the call synchronises with the host once either way.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from .collectives import all_gather_single
+from .errors import DistriCompileError
+
+# One row per rank: what must agree, then what only this rank reads.
+AGREED = ("trajectory", "call", "shapes", "inputs sum", "inputs sum of squares")
+LOCAL = ("timestep", "sample moved", "sample norm")
+
+
+def shapes_code(args, positions: list[int]) -> int:
+    """A checksum of the inputs' shapes and dtypes (the same on every rank that passes the same kind of input)."""
+    text = repr([(tuple(args[i].shape), str(args[i].dtype)) if isinstance(args[i], torch.Tensor) else repr(args[i]) for i in positions])
+    return zlib.crc32(text.encode())
+
+
+def local_row(args, positions, summed, timesteps, sample, last_sample, trajectory: int, call: int) -> torch.Tensor:
+    """This rank's numbers (``AGREED`` then ``LOCAL``) as one float64 vector on the inputs' device:
+    the shapes of the inputs at ``positions``, the sums of those at ``summed``."""
+    tensors = [args[i] for i in summed if isinstance(args[i], torch.Tensor)]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    values = [x.detach().to(torch.float64) for x in tensors]
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    # Weighting input i by i + 1 tells apart swapped inputs of equal sums.
+    total = sum(((i + 1) * v.sum() for i, v in enumerate(values)), zero)
+    squares = sum(((i + 1) * v.square().sum() for i, v in enumerate(values)), zero)
+    timestep = max((args[i].detach().to(torch.float64).max() for i in timesteps), default=zero - 1)
+    if sample is None or last_sample is None or last_sample.shape != sample.shape:
+        moved, norm = zero - 1, zero
+    else:
+        moved, norm = (sample.double() - last_sample.double()).norm(), last_sample.double().norm()
+    head = torch.tensor([trajectory, call, shapes_code(args, positions)], dtype=torch.float64, device=device)
+    return torch.cat([head, torch.stack([total, squares, timestep, moved, norm])])
+
+
+def gather_rows_of_ranks(row: torch.Tensor, group, where: str) -> list[list[float]]:
+    """Every rank's row, on the host (the call's one synchronisation)."""
+    if group is None:
+        return [row.tolist()]
+    world = dist.get_world_size(group)
+    out = row.new_empty(world * row.numel())
+    try:
+        all_gather_single(out, row, group=group)
+    except RuntimeError as error:  # a rank died, stopped calling or failed midway
+        raise DistriCompileError(f"districompile: the ranks' agreement check before {where} failed: {error}") from error
+    return out.view(world, -1).tolist()
+
+
+def _differ(a: float, b: float) -> bool:
+    return abs(a - b) > 1e-9 * max(abs(a), abs(b), 1.0)
+
+
+def check_ranks_agree(rows: list[list[float]], describe: Callable[[], str], group, where: str):
+    """Raise on every rank, with each rank's ``describe()``, if the ranks' ``AGREED`` numbers differ."""
+    first = rows[0]
+    differing = [name for i, name in enumerate(AGREED) if any(_differ(row[i], first[i]) for row in rows)]
+    if not differing:
+        return
+    descriptions = [None] * len(rows)
+    dist.all_gather_object(descriptions, describe(), group=group)  # every rank saw the mismatch: all reach here
+    per_rank = "\n".join(f"  rank {rank}: {text}" for rank, text in enumerate(descriptions))
+    raise DistriCompileError(
+        f"districompile: the ranks disagree at {where} ({', '.join(differing)} differ); every rank must pass the same "
+        f"inputs (same shapes, same sample and timestep: seed the noise alike) at the same call of the same trajectory "
+        f"(call districompile.reset(model) on every rank, or none). Nothing was exchanged. Each rank has:\n{per_rank}"
+    )
