@@ -3,7 +3,7 @@
 import pytest
 import torch
 from dist import run_ranks
-from models import FACTORIES, as_tensor, hand_unet_a, tiny_sd15_unet
+from models import FACTORIES, as_tensor
 
 from districompile.metrics import relative_error
 
@@ -44,9 +44,3 @@ def test_full_sync_matches_single_device(eager_errors, factory):
         assert errors[factory.__name__] < TOLERANCE, f"rank {rank}: {errors}"
 
 
-@pytest.mark.inductor
-@pytest.mark.slow
-def test_inductor_lowering_matches_single_device():
-    errors = run_ranks(compare_models, 2, 32, 2, "inductor", (tiny_sd15_unet, hand_unet_a), timeout=900)
-    for rank, per_model in enumerate(errors):
-        assert all(e < TOLERANCE for e in per_model.values()), f"rank {rank}: {per_model}"
