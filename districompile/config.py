@@ -27,6 +27,8 @@ class DistriConfig:
     check_ranks: bool = True
     # Seconds a collective may wait for the other ranks (a dead or failed rank); None: the group's own.
     timeout: float | None = 600.0
+    # Print each compile stage and its seconds on rank 0 (stderr): the first call of an SDXL takes minutes.
+    progress: bool = True
 
     def __post_init__(self):
         for name, allowed in (("sync_mode", SYNC_MODES), ("parallelism", PARALLELISMS), ("lowering", LOWERINGS)):

@@ -3,9 +3,11 @@ them for the model the call belongs to (``trajectory.ModelRuntime``)."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import re
+import sys
 import time
 import weakref
 
@@ -118,14 +120,25 @@ class DistriRuntime:
                 dist.distributed_c10d._set_pg_timeout(datetime.timedelta(seconds=self.config.timeout), group)
                 self.timed_groups.add(group.group_name)
 
+    @contextlib.contextmanager
+    def _stage(self, what: str):
+        """Log a compile stage and its seconds; with ``progress``, rank 0 also prints them (an SDXL
+        phase takes a minute or more through Inductor: say what is being waited on)."""
+        shown = self.config.progress and (not dist.is_initialized() or dist.get_rank() == 0)
+        log.info("districompile: %s", what)
+        if shown:
+            print(f"districompile: {what} ...", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - start
+        log.info("districompile: %s took %.1f s", what, seconds)
+        if shown:
+            print(f"districompile: {what}: {seconds:.1f} s", file=sys.stderr, flush=True)
+
     def _lower(self, program, args, phase: str, pool, persistent: int):
         self.compilations += 1
-        # An SDXL-sized phase takes a minute or more through Inductor: say what is being waited on.
-        log.info("districompile: lowering the %s phase (%d nodes, %s)", phase, len(program.graph.nodes), self.config.lowering)
-        start = time.perf_counter()
-        lowered = lower(program, list(args), self.config, phase, pool, persistent)
-        log.info("districompile: lowered the %s phase in %.1f s", phase, time.perf_counter() - start)
-        return lowered
+        with self._stage(f"{self.name}: lowering the {phase} phase ({len(program.graph.nodes)} nodes, {self.config.lowering})"):
+            return lower(program, list(args), self.config, phase, pool, persistent)
 
     def compile(self, args) -> Trajectory:
         if not self.spatial:  # say, the graph after a graph break that computes the time embedding
@@ -133,25 +146,26 @@ class DistriRuntime:
             lowered = self._lower(self.dynamo_gm, args, "unsplit", None, 0)
             return Trajectory({"unsplit": self.dynamo_gm}, {"unsplit": lowered}, [], 0, None)
         group, graph = self.group(), self.dynamo_gm
-        split = batch_split(self.dynamo_gm, args, self.spatial, self.config, group)
-        if split is not None:  # the phases run this rank's half of the batch over its half of the ranks
-            self._bound_waits(split.patch_group, split.pair_group)
-            group, graph, args = split.patch_group, split.program, split.slice_inputs(args)
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
-        model_plan = plan(graph, list(args), self.spatial, world, self.config.exchanges, self.config.single_rank_exchanges)
-        program = model_plan.program(rank, group.group_name)
-        log.info("districompile: rows split %s over %d ranks", list(model_plan.split.bounds), world)
-        if not self.displaced:
-            programs, buffers, warmup_steps = {"synchronous": program}, [], 0
-        else:
-            phases = displace(program, self.config.sync_mode, rank)
-            programs, buffers = {"warm-up": phases.warmup, "steady": phases.steady}, allocate_buffers(phases.buffers)
-            warmup_steps = max(self.config.warmup_steps, 1)  # stale values need one synchronous call to exist
-        for phase, phase_program in programs.items():
-            sequence_exchanges(phase_program)
-            graph_log.debug(
-                "districompile rank %d/%d %s program:\n%s", rank, world, phase, phase_program.print_readable(print_output=False)
-            )
+        with self._stage(f"{self.name}: planning the per-rank programs (capture, batch split, propagate, partition, displace)"):
+            split = batch_split(self.dynamo_gm, args, self.spatial, self.config, group)
+            if split is not None:  # the phases run this rank's half of the batch over its half of the ranks
+                self._bound_waits(split.patch_group, split.pair_group)
+                group, graph, args = split.patch_group, split.program, split.slice_inputs(args)
+            rank, world = dist.get_rank(group), dist.get_world_size(group)
+            model_plan = plan(graph, list(args), self.spatial, world, self.config.exchanges, self.config.single_rank_exchanges)
+            program = model_plan.program(rank, group.group_name)
+            log.info("districompile: rows split %s over %d ranks", list(model_plan.split.bounds), world)
+            if not self.displaced:
+                programs, buffers, warmup_steps = {"synchronous": program}, [], 0
+            else:
+                phases = displace(program, self.config.sync_mode, rank)
+                programs, buffers = {"warm-up": phases.warmup, "steady": phases.steady}, allocate_buffers(phases.buffers)
+                warmup_steps = max(self.config.warmup_steps, 1)  # stale values need one synchronous call to exist
+            for phase, phase_program in programs.items():
+                sequence_exchanges(phase_program)
+                graph_log.debug(
+                    "districompile rank %d/%d %s program:\n%s", rank, world, phase, phase_program.print_readable(print_output=False)
+                )
         # The phases share one CUDA graph memory pool: they never run at once.
         pool = torch.cuda.graph_pool_handle() if on_cuda(args) and len(programs) > 1 else None
         inputs = [*args, *buffers]

@@ -11,9 +11,12 @@ on every rank, at worlds 2 and 3 (gloo, CPU, eager lowering).
   rank before any exchange, and the next agreeing call is right;
 - a rank that fails midway through a call, one that stops calling, one whose process exits: the
   others get an error naming districompile and the call within the collective timeout;
-- autograd: an error naming ``torch.no_grad()``.
+- autograd: an error naming ``torch.no_grad()``;
+- rank 0 prints each compile stage (option ``progress``), the other ranks nothing.
 """
 
+import contextlib
+import io
 import time
 
 import pytest
@@ -71,7 +74,9 @@ def _agreeing(rank, world):
         # A new image after a finished one, its timesteps below A's last, no reset.
         model, unet, (x_a, _) = compiled(micro_unet)
         x_b = torch.randn_like(x_a)
-        denoise(unet, x_a, A_STEPS)
+        with contextlib.redirect_stderr(io.StringIO()) as progress:
+            denoise(unet, x_a, A_STEPS)
+        out["progress"] = progress.getvalue()
         out["b_after_a"] = denoise(unet, x_b, LOW_STEPS)
         districompile.reset(model)
         out["b_alone"] = denoise(unet, x_b, LOW_STEPS)
@@ -163,6 +168,13 @@ def test_ranks_that_disagree_get_an_error_naming_the_difference(agreeing, case, 
 def test_agreeing_call_after_the_errors_is_right(agreeing):
     for rank, out in enumerate(agreeing[1]):
         torch.testing.assert_close(out["agreeing_again"], out["reference"], rtol=0, atol=0, msg=f"rank {rank}")
+
+
+def test_rank_0_prints_each_compile_stage(agreeing):
+    zero, *others = agreeing[1]
+    assert "planning the per-rank programs" in zero["progress"], zero["progress"]
+    assert "lowering the warm-up phase" in zero["progress"] and "lowering the steady phase" in zero["progress"]
+    assert all(out["progress"] == "" for out in others)
 
 
 def test_autograd_is_refused_with_the_fix(agreeing):
