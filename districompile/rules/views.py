@@ -8,6 +8,7 @@ rows makes them, a ``slice`` at the flanks' edges takes them apart again.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -144,9 +145,12 @@ def slice_(ctx, node):
     size = ctx.shape(src)[dim]
     if _covers(start, end, step, size):
         return Decision(spec, emit=lambda em, node, args, kwargs: args[0])
-    if step != 1 or spec.outer != 1:
+    piece = _flank_piece(spec, *_clamp(start, end, size)) if step == 1 else None
+    if piece is None:
         return None
-    return _slice_at_flanks(spec, *_clamp(start, end, size))
+    out, local_start, local_end = piece
+    return Decision(out, emit=lambda em, node, args, kwargs: em.call(
+        aten.slice.Tensor, args[0], spec.dim, local_start(em.rank), local_end(em.rank)))
 
 
 def _clamp(start, end, size) -> tuple[int, int]:
@@ -154,26 +158,25 @@ def _clamp(start, end, size) -> tuple[int, int]:
     return tuple(min(max(i + size if i < 0 else i, 0), size) for i in (start, end))
 
 
-def _slice_at_flanks(spec, start: int, end: int):
-    """A joint sequence split at its flanks' edges (SD3's attention output into the image's tokens and
-    the text's): a slice within a flank is replicated, one around the rows keeps them (with what is
-    left of the flanks). Locally the tail sits earlier by the rows this rank lacks."""
+def _flank_piece(spec, start: int, end: int):
+    """Elements ``start:end`` of a joint sequence, cut at its flanks' edges (SD3's attention output
+    into the image's tokens and the text's): ``(sharding, local start(rank), local end(rank))``. A
+    piece within a flank is replicated, one around the rows keeps them (with what is left of the
+    flanks). Locally the tail sits earlier by the rows the rank lacks. None: the piece cuts the rows."""
+    if spec.outer != 1:
+        return None
     rows_start, rows_end = spec.lead, spec.lead + spec.split.extent * spec.inner
-
-    def local_slice(local_start, local_end):
-        return lambda em, node, args, kwargs: em.call(aten.slice.Tensor, args[0], spec.dim, local_start(em.rank), local_end(em.rank))
 
     def missing(rank):
         return (spec.split.extent - spec.split.rows(rank)) * spec.inner
 
     if end <= rows_start:
-        return Decision(Replicate(), emit=local_slice(lambda rank: start, lambda rank: end))
+        return Replicate(), lambda rank: start, lambda rank: end
     if start >= rows_end:
-        return Decision(Replicate(), emit=local_slice(lambda rank: start - missing(rank), lambda rank: end - missing(rank)))
+        return Replicate(), lambda rank: start - missing(rank), lambda rank: end - missing(rank)
     if start <= rows_start and end >= rows_end:
-        out = Shard(spec.dim, spec.split, 1, spec.inner, rows_start - start, end - rows_end)
-        return Decision(out, emit=local_slice(lambda rank: start, lambda rank: end - missing(rank)))
-    return None  # a slice that cuts into the rows
+        return Shard(spec.dim, spec.split, 1, spec.inner, rows_start - start, end - rows_end), lambda rank: start, lambda rank: end - missing(rank)
+    return None
 
 
 @register(aten.select.int, flanks=True)
@@ -195,9 +198,23 @@ def split(ctx, node):
         dim = node.args[1] if len(node.args) > 1 else 0
     dim = _normalize(dim, ndim)
     if dim == spec.dim:
-        return None
+        return _split_at_flanks(spec, node) if node.target == aten.split_with_sizes.default else None
     part = spec if node.target != aten.unbind.int else spec.with_dim(spec.dim - (dim < spec.dim))
     return Decision(tuple(part for _ in node.meta["val"]))
+
+
+def _split_at_flanks(spec, node):
+    """A joint sequence split into its parts (Flux's attention output into the text's and the image's)."""
+    ends = list(itertools.accumulate(node.args[1]))
+    pieces = [_flank_piece(spec, end - size, end) for size, end in zip(node.args[1], ends)]
+    if any(piece is None for piece in pieces):
+        return None
+
+    def emit(em, node, args, kwargs):
+        sizes = [local_end(em.rank) - local_start(em.rank) for _, local_start, local_end in pieces]
+        return em.call(aten.split_with_sizes.default, args[0], sizes, spec.dim)
+
+    return Decision(tuple(out for out, _, _ in pieces), emit=emit)
 
 
 @register(aten.cat, aten.stack, flanks=True)
