@@ -121,4 +121,6 @@ def test_packed_tokens_are_refused_by_name():
     with pytest.raises(DistriCompileError, match=r"hidden_states .*packed tokens.*Not built yet"):
         districompile.explain(model, *args, world_size=2, verbose=False, split_batch=False, **kwargs)
     with pytest.raises(DistriCompileError, match=r"hidden_states .*packed tokens.*Not built yet"):
-        districompile.explain(model, *args, world_size=2, verbose=False, split_batch=False, spatial_inputs=("hidden_states",), **kwargs)
+        districompile.explain(
+            model, *args, world_size=2, verbose=False, split_batch=False, spatial_inputs=("hidden_states",), **kwargs
+        )

@@ -99,7 +99,9 @@ def spatial_inputs(dynamo_gm: fx.GraphModule, inputs: list, names: tuple[str, ..
             f"{list(dict.fromkeys(offered))} (an element of a tuple or dict argument also answers to name[index] or name['key'])"
         )
     positions = [position for position, answers in enumerate(known) if any(name in answers for name in names)]
-    tokens = [f"{known[p][0]} {tuple(inputs[p].shape)}" for p in positions if isinstance(inputs[p], torch.Tensor) and inputs[p].dim() == 3]
+    tokens = [
+        f"{known[p][0]} {tuple(inputs[p].shape)}" for p in positions if isinstance(inputs[p], torch.Tensor) and inputs[p].dim() == 3
+    ]
     if tokens:
         raise packed_tokens_error(tokens, named=True)
     return positions

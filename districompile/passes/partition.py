@@ -81,7 +81,8 @@ class Emitter:
             block_rows[2] = spec.split.extent * spec.inner
             middle = self.call(aten.reshape.default, whole, block_rows)
             tail = spec.lead + rows * spec.inner
-            parts = [self.call(aten.slice.Tensor, blocks, 2, 0, spec.lead), middle, self.call(aten.slice.Tensor, blocks, 2, tail, tail + spec.tail)]
+            lead = self.call(aten.slice.Tensor, blocks, 2, 0, spec.lead)
+            parts = [lead, middle, self.call(aten.slice.Tensor, blocks, 2, tail, tail + spec.tail)]
             whole = self.call(aten.cat.default, parts, 2)
         return self.call(aten.reshape.default, whole, shape)
 
@@ -90,8 +91,8 @@ class Emitter:
         split = spec.split
         if spec.flanked:  # the flanks and this rank's rows of a whole joint sequence
             blocks = self.call(aten.reshape.default, whole, spec.block_shape(shape, split.extent))
-            bounds = [(0, spec.lead), (spec.lead + split.start(self.rank) * spec.inner, spec.lead + split.stop(self.rank) * spec.inner)]
-            bounds.append((spec.lead + split.extent * spec.inner, spec.block(split.extent)))
+            rows = [spec.lead + split.start(self.rank) * spec.inner, spec.lead + split.stop(self.rank) * spec.inner]
+            bounds = [(0, spec.lead), rows, (spec.lead + split.extent * spec.inner, spec.block(split.extent))]
             parts = [self.call(aten.slice.Tensor, blocks, 2, start, stop) for start, stop in bounds]
             return self.call(aten.reshape.default, self.call(aten.cat.default, parts, 2), spec.local_shape(shape, self.rank))
         canonical = spec.canonical_shape(shape, split.extent)

@@ -26,7 +26,9 @@ def _dims(node, ndim: int) -> list[int]:
 _COMBINE = {aten.sum: "sum", aten.mean: "sum", aten.amax: "max", aten.amin: "min"}
 
 
-@register(aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default, aten.sum.default, aten.mean.default, flanks=True)
+@register(
+    aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default, aten.sum.default, aten.mean.default, flanks=True
+)
 def reduce(ctx, node):
     x = node.args[0]
     spec = ctx.spec(x)

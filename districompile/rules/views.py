@@ -175,7 +175,8 @@ def _flank_piece(spec, start: int, end: int):
     if start >= rows_end:
         return Replicate(), lambda rank: start - missing(rank), lambda rank: end - missing(rank)
     if start <= rows_start and end >= rows_end:
-        return Shard(spec.dim, spec.split, 1, spec.inner, rows_start - start, end - rows_end), lambda rank: start, lambda rank: end - missing(rank)
+        out = Shard(spec.dim, spec.split, 1, spec.inner, rows_start - start, end - rows_end)
+        return out, lambda rank: start, lambda rank: end - missing(rank)
     return None
 
 
