@@ -11,7 +11,7 @@ from .batch_split import plan_batch_split
 from .compiler import Plan, plan
 from .config import DistriConfig
 from .errors import DistriCompileError
-from .passes.annotate import spatial_inputs
+from .passes.annotate import packed_tokens_error, spatial_inputs, token_sequences
 from .passes.propagate import Fallback
 from .rules import Exchange
 
@@ -108,6 +108,9 @@ def explain(model, *args, world_size: int, verbose: bool = True, sites: bool = F
         # Input names are Dynamo's to give, during this call only; an unknown name is raised below.
         try:
             captured["spatial"] = spatial_inputs(gm, captured["inputs"], config.spatial_inputs)
+            tokens = token_sequences(gm, captured["inputs"])
+            if not captured["spatial"] and tokens:  # a transformer's packed latent (Flux)
+                raise packed_tokens_error(tokens, named=False)
         except DistriCompileError as error:
             captured["error"] = error
 

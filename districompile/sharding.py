@@ -5,12 +5,16 @@ block per rank. After views the rows may sit inside a merged dimension, e.g. the
 dimension H*W of a (N, H*W, C) tensor, or the N*H*W rows of a linear layer's input. So a
 sharded dimension is described as three factors ``outer x rows x inner``: rank ``r`` holds
 ``outer * (stop_r - start_r) * inner`` elements of that dimension.
+
+A joint sequence (SD3's image tokens then text tokens; a text's K/V then an image's) has
+replicated *flanks* around the rows: each of the ``outer`` blocks of the dimension is ``lead``
+elements every rank holds, the rows x inner, then ``tail`` elements every rank holds.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 
 
@@ -74,18 +78,28 @@ class Replicate:
 
 @dataclass(frozen=True)
 class Shard:
-    """Dimension ``dim`` is ``outer x rows x inner`` with the rows split by ``split``."""
+    """Dimension ``dim`` is ``outer x (lead + rows x inner + tail)`` with the rows split by ``split``."""
 
     dim: int
     split: RowSplit
     outer: int = 1
     inner: int = 1
+    lead: int = 0  # replicated flanks (joint sequences), in elements of ``dim``
+    tail: int = 0
+
+    @property
+    def flanked(self) -> bool:
+        return bool(self.lead or self.tail)
+
+    def block(self, rows: int) -> int:
+        """One of the ``outer`` blocks of the dimension, holding ``rows`` rows."""
+        return self.lead + rows * self.inner + self.tail
 
     def global_size(self) -> int:
-        return self.outer * self.split.extent * self.inner
+        return self.outer * self.block(self.split.extent)
 
     def local_size(self, rank: int) -> int:
-        return self.outer * self.split.rows(rank) * self.inner
+        return self.outer * self.block(self.split.rows(rank))
 
     def local_shape(self, shape, rank: int) -> list[int]:
         shape = list(shape)
@@ -95,16 +109,26 @@ class Shard:
     def canonical_shape(self, shape, rows: int) -> list[int]:
         """The 4-d view ``(before, outer, rows, after)`` that exchange ops work on."""
         before = math.prod(shape[: self.dim])
+        assert not self.flanked, "flanked: take the rows out first (Emitter.gather)"
         after = self.inner * math.prod(shape[self.dim + 1 :])
         return [before, self.outer, rows, after]
 
+    def block_shape(self, shape, rows: int) -> list[int]:
+        """The 4-d view ``(before, outer, block, after)`` whose dim 2 holds the flanks and the rows."""
+        return [math.prod(shape[: self.dim]), self.outer, self.block(rows), math.prod(shape[self.dim + 1 :])]
+
     def with_dim(self, dim: int) -> Shard:
-        return Shard(dim, self.split, self.outer, self.inner)
+        return replace(self, dim=dim)
+
+    def unflanked(self) -> Shard:
+        return replace(self, lead=0, tail=0)
 
     def __str__(self) -> str:
         factors = f"{self.outer}x" if self.outer != 1 else ""
+        factors += f"{self.lead}+" if self.lead else ""
         factors += f"rows{list(self.split.bounds)}"
         factors += f"x{self.inner}" if self.inner != 1 else ""
+        factors += f"+{self.tail}" if self.tail else ""
         return f"S({self.dim}: {factors})"
 
 

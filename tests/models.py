@@ -214,6 +214,75 @@ def tiny_kandinsky_unet(height=16, width=16, batch=1):
     return model, args, kwargs
 
 
+# ----------------------------------------------------------------------------- diffusion transformers
+# Tiny configs of diffusers' transformers (random weights): the text encoders' outputs are passed
+# directly as prompt embeddings. Latents of 16 x 16 with 2 x 2 patches: an 8 x 8 token grid.
+
+
+def tiny_sd3_transformer(height=16, width=16, batch=1):
+    """SD3's MMDiT: joint attention over the image tokens followed by the text tokens, a positional
+    table of 12 x 12 patches cropped to the grid (``pos_embed_max_size``), AdaLN-Zero modulation."""
+    from diffusers import SD3Transformer2DModel
+
+    with _seeded():
+        model = SD3Transformer2DModel(
+            sample_size=height, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=24, caption_projection_dim=16, pooled_projection_dim=12,
+            pos_embed_max_size=12,
+        ).eval()
+        args = (torch.randn(batch, 4, height, width),)
+        kwargs = {
+            "encoder_hidden_states": torch.randn(batch, 7, 24),
+            "pooled_projections": torch.randn(batch, 12),
+            "timestep": torch.tensor([500] * batch),
+        }
+    return model, args, kwargs
+
+
+def tiny_pixart_transformer(height=16, width=16, batch=1):
+    """PixArt-alpha/sigma's DiT: self-attention on the image tokens, cross-attention to the caption,
+    AdaLN-single modulation, a sinusoidal positional embedding of the grid."""
+    from diffusers import PixArtTransformer2DModel
+
+    with _seeded():
+        model = PixArtTransformer2DModel(
+            num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+            cross_attention_dim=16, sample_size=height, patch_size=2, caption_channels=24,
+        ).eval()
+        args = (torch.randn(batch, 4, height, width),)
+        kwargs = {
+            "encoder_hidden_states": torch.randn(batch, 7, 24),
+            "timestep": torch.tensor([500] * batch),
+            "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+        }
+    return model, args, kwargs
+
+
+def tiny_flux_transformer(height=16, width=16, batch=1):
+    """Flux: latents packed as 2 x 2 patches into tokens (B, H/2 * W/2, 4 * C) with their grid
+    positions in ``img_ids`` (rotary embeddings), double- and single-stream blocks."""
+    from diffusers import FluxTransformer2DModel
+
+    grid_h, grid_w = height // 2, width // 2
+    with _seeded():
+        model = FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=12, axes_dims_rope=(2, 2, 4),
+        ).eval()
+        img_ids = torch.zeros(grid_h, grid_w, 3)
+        img_ids[..., 1] = torch.arange(grid_h)[:, None]
+        img_ids[..., 2] = torch.arange(grid_w)[None, :]
+        args = (torch.randn(batch, grid_h * grid_w, 16),)
+        kwargs = {
+            "encoder_hidden_states": torch.randn(batch, 7, 24),
+            "pooled_projections": torch.randn(batch, 12),
+            "timestep": torch.tensor([0.5] * batch),
+            "img_ids": img_ids.reshape(grid_h * grid_w, 3),
+            "txt_ids": torch.zeros(7, 3),
+        }
+    return model, args, kwargs
+
+
 # ----------------------------------------------------------------------------- hand-written
 
 

@@ -135,6 +135,27 @@ class CrossAttention(nn.Module):
         return x + out.transpose(1, 2).reshape(b, c, h, w)
 
 
+class JointAttention(nn.Module):
+    """Joint attention with the text first (Flux's order; SD3 puts it last): one sequence of the text's
+    tokens and the image's, a linear layer over all of it, then split back into the two parts."""
+
+    def __init__(self, channels, context_dim=6, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.to_qkv = nn.Linear(channels, 3 * channels)
+        self.add_qkv = nn.Linear(context_dim, 3 * channels)
+        self.mix = nn.Linear(channels, channels)
+
+    def forward(self, x, context):
+        b, c, h, w = x.shape
+        image = self.to_qkv(x.flatten(2).transpose(1, 2)).reshape(b, h * w, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        text = self.add_qkv(context).reshape(b, -1, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = (torch.cat([t, i], dim=2) for t, i in zip(text, image))
+        out = self.mix(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, -1, c))
+        text_out, image_out = out.split([context.shape[1], h * w], dim=1)
+        return x + image_out.transpose(1, 2).reshape(b, c, h, w) * text_out.mean(dim=1)[:, :, None, None]
+
+
 class KeyMaskedAttention(nn.Module):
     """SDPA with a key mask computed from the image (B, 1, 1, H*W): the mask is sharded like the keys.
 
@@ -325,6 +346,7 @@ CASES = {
     "attention_sdpa_learned_queries_key_mask": lambda h, w: KeyMaskedAttention(CHANNELS, learned_queries=True),
     "attention_sdpa_cross": lambda h, w: CrossAttention(CHANNELS, use_sdpa=True),
     "attention_bmm_cross": lambda h, w: CrossAttention(CHANNELS, use_sdpa=False),
+    "attention_joint_text_first": lambda h, w: JointAttention(CHANNELS),
     "interpolate_nearest_scale2": _fn(F.interpolate, scale_factor=2, mode="nearest"),
     "interpolate_nearest_size": lambda h, w: InterpolateSize("nearest"),
     "interpolate_bilinear_scale2": _fn(F.interpolate, scale_factor=2, mode="bilinear", align_corners=False),
@@ -344,7 +366,7 @@ CASES = {
     "permute_linear": lambda h, w: PermuteLinear(CHANNELS),
     "view_tokens_round_trip": lambda h, w: TokensRoundTrip(),
 }
-CONTEXT_CASES = {"attention_sdpa_cross", "attention_bmm_cross"}
+CONTEXT_CASES = {"attention_sdpa_cross", "attention_bmm_cross", "attention_joint_text_first"}
 
 # World 4 runs a few cases only: the halo, statistics, attention and reduction exchanges.
 WORLD_CASES = {
@@ -363,6 +385,7 @@ NAIVE_CASES = [
     "conv_transpose_k4_s2_p1",
     "conv_transpose_k2_s2",
     "max_pool2d_k3_s2_p1",
+    "attention_joint_text_first",  # each patch's rows with the whole text
 ]
 NAIVE_WORLDS = (2, 3)
 
@@ -378,10 +401,10 @@ def build_case(name, batch, height, width):
     return model, inputs
 
 
-def naive_patch_reference(model, x, row_bounds):
-    """The module run on each rank's rows alone, the outputs stacked along the rows."""
+def naive_patch_reference(model, x, row_bounds, *context):
+    """The module run on each rank's rows alone (with the whole context), the outputs stacked along the rows."""
     patches = [x[:, :, start:stop] for start, stop in itertools.pairwise(row_bounds)]
-    return torch.cat([model(patch) for patch in patches], dim=2)
+    return torch.cat([model(patch, *context) for patch in patches], dim=2)
 
 
 # ----------------------------------------------------------------------------- the spawned ranks
@@ -402,7 +425,7 @@ def _compare(name, world_size, parallelism):
                 ref = model(*inputs)
             else:
                 bounds = districompile.explain(model, *inputs, world_size=world_size, verbose=False, split_batch=False).row_bounds
-                ref = naive_patch_reference(model, inputs[0], bounds)
+                ref = naive_patch_reference(model, inputs[0], bounds, *inputs[1:])
                 torch._dynamo.reset()
             options = {**OPTIONS, "parallelism": parallelism}
             out = torch.compile(model, backend="distri", options=options, fullgraph=True)(*inputs)

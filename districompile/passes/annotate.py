@@ -98,7 +98,36 @@ def spatial_inputs(dynamo_gm: fx.GraphModule, inputs: list, names: tuple[str, ..
             f"spatial_inputs={tuple(names)}: no input is named {unknown}; the inputs of this graph are "
             f"{list(dict.fromkeys(offered))} (an element of a tuple or dict argument also answers to name[index] or name['key'])"
         )
-    return [position for position, answers in enumerate(known) if any(name in answers for name in names)]
+    positions = [position for position, answers in enumerate(known) if any(name in answers for name in names)]
+    tokens = [
+        f"{known[p][0]} {tuple(inputs[p].shape)}" for p in positions if isinstance(inputs[p], torch.Tensor) and inputs[p].dim() == 3
+    ]
+    if tokens:
+        raise packed_tokens_error(tokens, named=True)
+    return positions
+
+
+def token_sequences(dynamo_gm: fx.GraphModule, inputs: list) -> list[str]:
+    """The floating user inputs of 3 dims (B, L, C), named with their shapes: token sequences, such as
+    Flux's packed latent (or a text's embeddings). Only inside a backend call."""
+    placeholders = [n for n in dynamo_gm.graph.nodes if n.op == "placeholder"]
+    return [
+        f"{answers[0]} {tuple(value.shape)}" for node, answers, value in zip(placeholders, input_names(placeholders), inputs)
+        if isinstance(value, torch.Tensor) and value.dim() == 3 and value.is_floating_point() and not is_model_state(node, value)
+    ]
+
+
+def packed_tokens_error(tokens: list[str], named: bool) -> DistriCompileError:
+    # Splitting a token sequence by image rows needs its grid (tokens per row), which no option names
+    # yet; a split that ignored it would cut image rows apart (docs/DESIGN.md).
+    what = (
+        f"spatial_inputs names {', '.join(tokens)}: packed tokens (B, L, C), not a latent (N, C, H, W)" if named else
+        f"no spatial input (N, C, H, W); the token sequences {', '.join(tokens)} may hold an image's packed tokens (Flux)"
+    )
+    return DistriCompileError(
+        f"{what}: districompile cannot split packed tokens by image rows yet, no option names their grid (docs/DESIGN.md, "
+        "Not built yet). Pass the latent as (N, C, H, W) where the model takes one (SD3, PixArt), or run the model unsplit"
+    )
 
 
 _EMBEDDING_OPS = {torch.sin, torch.cos, torch.Tensor.sin, torch.Tensor.cos, "sin", "cos"}

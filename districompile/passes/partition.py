@@ -70,13 +70,31 @@ class Emitter:
             return local_x
         spec: Shard = self.specs[x]
         shape = list(x.meta["val"].shape)
-        canonical = self.call(aten.reshape.default, local_x, spec.canonical_shape(shape, spec.split.rows(self.rank)))
+        rows = spec.split.rows(self.rank)
+        if spec.flanked:  # only the rows are exchanged; every rank has the flanks
+            blocks = self.call(aten.reshape.default, local_x, spec.block_shape(shape, rows))
+            local_x = self.call(aten.slice.Tensor, blocks, 2, spec.lead, spec.lead + rows * spec.inner)
+        canonical = self.call(aten.reshape.default, local_x, spec.unflanked().canonical_shape(shape, rows))
         whole = self.exchange(kind, districompile.gather_rows.default, canonical, list(spec.split.bounds), self.rank, self.group, [])
+        if spec.flanked:
+            block_rows = spec.block_shape(shape, spec.split.extent)
+            block_rows[2] = spec.split.extent * spec.inner
+            middle = self.call(aten.reshape.default, whole, block_rows)
+            tail = spec.lead + rows * spec.inner
+            lead = self.call(aten.slice.Tensor, blocks, 2, 0, spec.lead)
+            parts = [lead, middle, self.call(aten.slice.Tensor, blocks, 2, tail, tail + spec.tail)]
+            whole = self.call(aten.cat.default, parts, 2)
         return self.call(aten.reshape.default, whole, shape)
 
     def take(self, whole: fx.Node, x: fx.Node, spec: Shard) -> fx.Node:
         shape = list(x.meta["val"].shape)
         split = spec.split
+        if spec.flanked:  # the flanks and this rank's rows of a whole joint sequence
+            blocks = self.call(aten.reshape.default, whole, spec.block_shape(shape, split.extent))
+            rows = [spec.lead + split.start(self.rank) * spec.inner, spec.lead + split.stop(self.rank) * spec.inner]
+            bounds = [(0, spec.lead), rows, (spec.lead + split.extent * spec.inner, spec.block(split.extent))]
+            parts = [self.call(aten.slice.Tensor, blocks, 2, start, stop) for start, stop in bounds]
+            return self.call(aten.reshape.default, self.call(aten.cat.default, parts, 2), spec.local_shape(shape, self.rank))
         canonical = spec.canonical_shape(shape, split.extent)
         return self.call(
             local_ops.take_rows, whole, canonical, split.start(self.rank), split.stop(self.rank),

@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 
 from ..rules import Decision, Exchange, RuleContext, lookup
-from ..rules.registry import replicate_all
+from ..rules.registry import accepts_flanks, replicate_all
 from ..sharding import Replicate, Shard, Spec
 from .capture import module_path, module_type, source_line
 
@@ -66,7 +66,8 @@ def _redistribution(arg: fx.Node, have: Spec, want: Spec, consumer: fx.Node, kin
     if isinstance(have, Shard):  # gather (then slice again, if a different split is wanted)
         world = have.split.world
         what = f"{list(arg.meta['val'].shape)} for {consumer.name}"
-        return Exchange(arg.name, kind if isinstance(want, Replicate) else "resplit", what, _tensor_bytes(arg) * (world - 1))
+        rows_bytes = _tensor_bytes(arg) * have.outer * have.split.extent * have.inner // have.global_size()  # not the flanks
+        return Exchange(arg.name, kind if isinstance(want, Replicate) else "resplit", what, rows_bytes * (world - 1))
     if arg.op != "placeholder":  # a whole computed value cut to this rank's rows
         return Exchange(arg.name, "slice", f"for {consumer.name} (position-dependent value)", 0)
     return None
@@ -90,9 +91,11 @@ def propagate(gm: fx.GraphModule, input_specs: dict[fx.Node, Spec], world: int, 
             decision = Decision(replicate_all(node))
         else:
             rule = lookup(node.target)
-            decision = rule(ctx, node) if rule is not None else None
+            flanked = any(isinstance(specs.get(a), Shard) and specs[a].flanked for a in node.all_input_nodes)
+            decision = rule(ctx, node) if rule is not None and (accepts_flanks(rule) or not flanked) else None
             if decision is None:
                 reason = "no sharding rule" if rule is None else "rule cannot shard this case"
+                reason += " (a joint sequence: rows with replicated flanks)" if flanked else ""
                 result.fallbacks.append(Fallback(node.name, op_name(node), reason, module_path(node), source_line(node)))
                 decision = Decision(
                     replicate_all(node),

@@ -2,6 +2,9 @@
 
 Queries stay sharded by rows; self-attention keys and values built from sharded tokens are
 gathered from all ranks (``kv_gather``); cross-attention K/V from replicated text need nothing.
+Joint attention (queries, keys and values each a joint sequence: image rows with the text as a
+replicated flank) is the same case: every rank computes its image rows' outputs and, identically,
+the text's; only the image rows of K/V are gathered.
 """
 
 from __future__ import annotations
@@ -41,11 +44,13 @@ def _key_mask_spec(ctx, k_spec, mask):
     return Replicate()
 
 
-@register(*_SDPA)
+@register(*_SDPA, flanks=True)
 def sdpa(ctx, node):
     q, k, v = node.args[:3]
     q_spec = ctx.spec(q)
     masks = [n for n in node.all_input_nodes if n not in (q, k, v)]
+    if any(isinstance(ctx.spec(t), Shard) and ctx.spec(t).flanked and ctx.spec(t).dim != len(ctx.shape(t)) - 2 for t in (q, k, v)):
+        return None  # flanks along the batch or head dims: no joint sequence
     if sharded_along_batch(q_spec, len(ctx.shape(q)) - 2):
         # Batch and head dims pair each query with its own keys: K, V and masks split alike (or broadcast).
         same = ctx.shape(q)[q_spec.dim]
@@ -76,7 +81,7 @@ def _sdpa_out(node, q_spec):
     return (q_spec, lse) + tuple(Replicate() if isinstance(t, torch.Tensor) else None for t in val[2:])
 
 
-@register(aten._softmax, aten._safe_softmax, aten._log_softmax, aten.softmax.int)
+@register(aten._softmax, aten._safe_softmax, aten._log_softmax, aten.softmax.int, flanks=True)
 def softmax(ctx, node):
     spec = ctx.spec(node.args[0])
     dim = node.args[1] % len(ctx.shape(node.args[0]))
@@ -89,6 +94,8 @@ def _matmul(ctx, node, a, b, batch: int):
     """``a @ b`` with ``batch`` leading batch dims: (.., M, K) @ (.., K, N)."""
     sa, sb = ctx.spec(a), ctx.spec(b)
     a_rows, a_contracted, b_contracted, b_cols = batch, batch + 1, batch, batch + 1
+    if any(isinstance(s, Shard) and s.flanked and s.dim != kept for s, kept in ((sa, a_rows), (sb, b_cols))):
+        return None  # flanks along the contracted or batch dims: a partial sum would count them once per rank
     if isinstance(sa, Shard) and sa.dim == a_rows:
         if not ctx.exchange and ctx.world > 1 and isinstance(sb, Shard) and sb.dim == b_cols:
             # Scores of a patch's queries against its own keys: split along both dims, which a sharding cannot say.
@@ -122,14 +129,14 @@ def _partial_sum(node):
     return Decision(Replicate(), emit=emit, exchanges=[all_reduce_exchange(node)])
 
 
-@register(aten.mm, aten.bmm)
+@register(aten.mm, aten.bmm, flanks=True)
 def matmul(ctx, node):
     a, b = node.args
     decision = _matmul(ctx, node, a, b, batch=0 if node.target.overloadpacket == aten.mm else 1)
     return _partial_sum(node) if decision == "partial" else decision
 
 
-@register(aten.addmm, aten.baddbmm)
+@register(aten.addmm, aten.baddbmm, flanks=True)
 def add_matmul(ctx, node):
     bias, a, b = node.args[:3]
     decision = _matmul(ctx, node, a, b, batch=0 if node.target.overloadpacket == aten.addmm else 1)
@@ -141,29 +148,3 @@ def add_matmul(ctx, node):
     broadcast = dim < 0 or ctx.shape(bias)[dim] == 1
     decision.require[bias] = Replicate() if broadcast else out.with_dim(dim)
     return decision
-
-
-# Ops that pass a tensor on unchanged but for its layout.
-_LAYOUT_OPS = {
-    aten.view, aten._unsafe_view, aten.reshape, aten.transpose, aten.permute, aten.t, aten.expand, aten.clone,
-    aten.contiguous, aten._to_copy, aten.unsqueeze, aten.squeeze, aten.alias,
-}
-
-
-def feeds_only_keys_or_values(node) -> bool:
-    """Whether every use of ``node`` (through layout ops) is as the keys or values of an attention:
-    k or v of SDPA, or the right-hand matrix of the products of attention written as matmuls."""
-    for user in node.users:
-        target = getattr(user.target, "overloadpacket", None)
-        if target in _LAYOUT_OPS:
-            if not feeds_only_keys_or_values(user):
-                return False
-        elif user.target in _SDPA:
-            if node not in user.args[1:3] or node is user.args[0]:
-                return False
-        elif target in (aten.bmm, aten.mm, aten.baddbmm, aten.addmm):
-            if user.args[-1] is not node or node in user.args[:-1]:
-                return False
-        else:
-            return False
-    return bool(node.users)

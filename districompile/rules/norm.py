@@ -44,7 +44,7 @@ def group_norm(ctx, node):
     return Decision(out, emit=emit, exchanges=[exchange])
 
 
-@register(aten.native_layer_norm)
+@register(aten.native_layer_norm, flanks=True)
 def layer_norm(ctx, node):
     x, normalized_shape = node.args[:2]
     spec = ctx.spec(x)

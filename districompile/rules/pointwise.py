@@ -31,7 +31,7 @@ def _broadcast_operands(ctx, node, out_ndim: int):
     return target, require
 
 
-@register("pointwise")
+@register("pointwise", flanks=True)
 def pointwise(ctx, node):
     val = node.meta["val"]
     if not isinstance(val, torch.Tensor):
@@ -40,7 +40,7 @@ def pointwise(ctx, node):
     return Decision(out or Replicate(), require)
 
 
-@register(aten.where.self, aten.masked_fill.Scalar, aten.masked_fill.Tensor)
+@register(aten.where.self, aten.masked_fill.Scalar, aten.masked_fill.Tensor, flanks=True)
 def where(ctx, node):
     return pointwise(ctx, node)
 
@@ -59,6 +59,7 @@ def where(ctx, node):
     aten.rand_like,
     aten.randn_like,
     aten.native_dropout,
+    flanks=True,
 )
 def same_layout(ctx, node):
     spec = ctx.spec(node.args[0])
@@ -68,14 +69,14 @@ def same_layout(ctx, node):
     return Decision(spec)
 
 
-@register(aten.new_zeros, aten.new_ones, aten.new_empty, aten.new_full, aten.new_empty_strided)
+@register(aten.new_zeros, aten.new_ones, aten.new_empty, aten.new_full, aten.new_empty_strided, flanks=True)
 def new_tensor(ctx, node):
     # The size argument is explicit, so the result is a whole (replicated) tensor; the input
     # lends only its dtype and device. Where it meets a sharded tensor it is sliced.
     return Decision(Replicate())
 
 
-@register(operator.getitem)
+@register(operator.getitem, flanks=True)
 def getitem(ctx, node):
     source, index = node.args
     spec = ctx.spec(source)

@@ -26,7 +26,9 @@ def _dims(node, ndim: int) -> list[int]:
 _COMBINE = {aten.sum: "sum", aten.mean: "sum", aten.amax: "max", aten.amin: "min"}
 
 
-@register(aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default, aten.sum.default, aten.mean.default)
+@register(
+    aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default, aten.sum.default, aten.mean.default, flanks=True
+)
 def reduce(ctx, node):
     x = node.args[0]
     spec = ctx.spec(x)
@@ -35,6 +37,8 @@ def reduce(ctx, node):
     keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
     if spec.dim not in dims:
         return Decision(spec.with_dim(spec.dim if keepdim else spec.dim - sum(d < spec.dim for d in dims)))
+    if spec.flanked:
+        return None  # every rank would add the replicated flanks into the total
     if not ctx.exchange:
         return Decision(Replicate())
     packet = node.target.overloadpacket

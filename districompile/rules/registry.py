@@ -66,17 +66,27 @@ class RuleContext:
 
 Rule = Callable[[RuleContext, fx.Node], "Decision | None"]
 _RULES: dict[object, Rule] = {}
+_FLANK_RULES: set[Rule] = set()
 
 
-def register(*targets):
-    """Register a rule for ATen overloads (or overload packets, which cover every overload)."""
+def register(*targets, flanks: bool = False):
+    """Register a rule for ATen overloads (or overload packets, which cover every overload).
+
+    ``flanks``: the rule handles inputs sharded with replicated flanks (joint sequences, see
+    ``sharding.Shard``); other rules never see them (``accepts_flanks``), their op is a fallback."""
 
     def wrap(rule: Rule) -> Rule:
         for target in targets:
             _RULES[target] = rule
+        if flanks:
+            _FLANK_RULES.add(rule)
         return rule
 
     return wrap
+
+
+def accepts_flanks(rule: Rule) -> bool:
+    return rule in _FLANK_RULES
 
 
 def lookup(target) -> Rule | None:
