@@ -112,6 +112,20 @@ def trained_shapes_unet():
     return unet.eval()
 
 
+def sample_shapes(unet, noise, steps: int = 50):
+    """Images in [-1, 1] from ``noise`` by DDIM on the shapes UNet's training schedule
+    (``DDIMScheduler()``'s defaults, x0 clipped); ``unet`` may be compiled."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler()
+    scheduler.set_timesteps(steps)
+    image = noise
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            image = scheduler.step(unet(image, t).sample, t, image).prev_sample
+    return image.clamp(-1, 1)
+
+
 # SDXL's VAE (``diffusers.AutoencoderKL``, stabilityai/sdxl-vae's config): 8x down to 4 latent channels.
 SDXL_VAE = dict(
     in_channels=3,

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image
 from safetensors.torch import save_file
 
-from districompile.unets import SHAPES_UNET, SHAPES_WEIGHTS
+from districompile.unets import SHAPES_UNET, SHAPES_WEIGHTS, sample_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 PALETTE = torch.tensor(
@@ -128,17 +128,6 @@ def train(args, device):
     return average
 
 
-def ddim_sample(unet, noise, steps=50):
-    """Images in [-1, 1] from ``noise`` by DDIM (diffusers' defaults: the training schedule, x0 clipped)."""
-    scheduler = DDIMScheduler()
-    scheduler.set_timesteps(steps)
-    image = noise
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            image = scheduler.step(unet(image, t).sample, t, image).prev_sample
-    return image.clamp(-1, 1)
-
-
 def to_pil(images: torch.Tensor, columns: int, scale: int = 1) -> Image.Image:
     """A grid of images in [-1, 1], 2 px apart on white, each enlarged ``scale`` times (nearest)."""
     images = F.interpolate(images.float().cpu(), scale_factor=scale, mode="nearest") if scale > 1 else images.float().cpu()
@@ -159,8 +148,8 @@ def save_grid(unet, path, device):
     unet = unet.to(device)
     parts = [
         to_pil(draw_shapes(8, size, torch.Generator().manual_seed(2)), 8, scale=4),
-        to_pil(ddim_sample(unet, torch.randn(16, 3, size, size, generator=noise).to(device)), 8, scale=4),
-        to_pil(ddim_sample(unet, torch.randn(4, 3, 2 * size, 2 * size, generator=noise).to(device)), 4, scale=4),
+        to_pil(sample_shapes(unet, torch.randn(16, 3, size, size, generator=noise).to(device)), 8, scale=4),
+        to_pil(sample_shapes(unet, torch.randn(4, 3, 2 * size, 2 * size, generator=noise).to(device)), 4, scale=4),
     ]
     width = max(part.width for part in parts)
     grid = Image.new("RGB", (width, sum(part.height + 8 for part in parts) - 8), "white")

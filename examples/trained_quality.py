@@ -20,11 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler
 from PIL import Image
 
 import districompile
-from districompile.unets import trained_shapes_unet
+from districompile.unets import sample_shapes, trained_shapes_unet
 from generate import psnr, ssim
 from launch import launch
 
@@ -45,17 +44,6 @@ def parse_args():
     parser.add_argument("--images", type=int, default=2, help="images per trajectory, one noise seed (default: 2)")
     parser.add_argument("--grid", type=Path, default=ROOT / "docs" / "images" / "trained_seams.png", help="grid PNG")
     return parser.parse_args()
-
-
-def sample(unet, noise, steps):
-    """DDIM on the training schedule (diffusers' defaults), the final images in [-1, 1]."""
-    scheduler = DDIMScheduler()
-    scheduler.set_timesteps(steps)
-    image = noise
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            image = scheduler.step(unet(image, t).sample, t, image).prev_sample
-    return image.clamp(-1, 1)
 
 
 def initial_noise(args):
@@ -83,7 +71,7 @@ def run(args, rank, world_size, device):
         compiled = torch.compile(unet, backend="distri", options=options)
         for steps in args.steps:
             districompile.reset(unet)
-            images[row, steps] = sample(compiled, noise, steps).cpu()
+            images[row, steps] = sample_shapes(compiled, noise, steps).cpu()
         if rank == 0:
             print(f"world {world_size}: {row} done", flush=True)
     if rank == 0:
@@ -138,7 +126,7 @@ def main():
     torch.set_num_threads(1)
     start = time.perf_counter()
     unet, noise = trained_shapes_unet(), initial_noise(args)
-    references = {steps: sample(unet, noise, steps) for steps in args.steps}
+    references = {steps: sample_shapes(unet, noise, steps) for steps in args.steps}
     results, outputs = {}, {}
     with tempfile.TemporaryDirectory() as results_dir:
         args.results = Path(results_dir)

@@ -9,6 +9,7 @@ import time
 import traceback
 from multiprocessing.connection import wait
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -42,6 +43,26 @@ def run_ranks(fn, world_size, *args, timeout=120.0):
                     proc.kill()
                 proc.join()
         return _collect(procs, out_dir, timeout)
+
+
+def world_fixtures(fn, timeout: float):
+    """Fixtures ``world2`` and ``world3`` (``fn`` spawned once per world, for all of a module's tests)
+    and ``ranks`` (``(world, per-rank results)`` over both). In a test module:
+    ``world2, world3, ranks = world_fixtures(_run, timeout=...)``."""
+
+    @pytest.fixture(scope="module", name="world2")
+    def world2():
+        return run_ranks(fn, 2, timeout=timeout)
+
+    @pytest.fixture(scope="module", name="world3")
+    def world3():
+        return run_ranks(fn, 3, timeout=timeout)
+
+    @pytest.fixture(params=[2, 3], ids=lambda world: f"world{world}", name="ranks")
+    def ranks(request):
+        return request.param, request.getfixturevalue(f"world{request.param}")
+
+    return world2, world3, ranks
 
 
 def _rank_main(fn, rank, world_size, port, out_dir, timeout, args):

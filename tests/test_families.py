@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.utils._pytree as pytree
 from checks import dynamo_graph
-from dist import run_ranks
+from dist import world_fixtures
 from models import adm_unet, as_tensor, tiny_controlnet, tiny_if_unet, tiny_kandinsky_unet, tiny_svd_unet, tiny_unet3d
 
 import districompile
@@ -138,19 +138,7 @@ def _run(rank, world):
     return errors, quality
 
 
-@pytest.fixture(scope="module")
-def world2():
-    return run_ranks(_run, 2, timeout=900.0)
-
-
-@pytest.fixture(scope="module")
-def world3():
-    return run_ranks(_run, 3, timeout=900.0)
-
-
-@pytest.fixture(params=[2, 3], ids=lambda world: f"world{world}")
-def ranks(request):
-    return request.param, request.getfixturevalue(f"world{request.param}")
+world2, world3, ranks = world_fixtures(_run, timeout=900.0)
 
 
 @pytest.mark.parametrize("name", [*FAMILIES, "named", "graph_breaks"])

@@ -10,11 +10,10 @@ import math
 
 import pytest
 import torch
-from diffusers import DDIMScheduler
 from dist import run_ranks
 
 import districompile
-from districompile.unets import trained_shapes_unet
+from districompile.unets import sample_shapes, trained_shapes_unet
 
 pytestmark = pytest.mark.slow
 
@@ -31,15 +30,8 @@ DISPLACED_MIN_PSNR = 25.0
 NAIVE_MARGIN = 6.0  # displaced must beat naive_patch by at least this many dB (measured: 10.4)
 
 
-def sample(unet, steps=STEPS):
-    noise = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
-    scheduler = DDIMScheduler()  # the training schedule (diffusers' defaults)
-    scheduler.set_timesteps(steps)
-    image = noise
-    with torch.no_grad():
-        for t in scheduler.timesteps:
-            image = scheduler.step(unet(image, t).sample, t, image).prev_sample
-    return image.clamp(-1, 1)
+def sample(unet):
+    return sample_shapes(unet, torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)), STEPS)
 
 
 def image_psnr(image, reference):

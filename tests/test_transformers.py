@@ -15,7 +15,7 @@ One spawn per world runs every model; the tests check what it returns.
 import pytest
 import torch
 from checks import dynamo_graph
-from dist import run_ranks
+from dist import world_fixtures
 from models import as_tensor, tiny_flux_transformer, tiny_pixart_transformer, tiny_sd3_transformer
 
 import districompile
@@ -57,19 +57,7 @@ def _run(rank, world):
     return errors, quality
 
 
-@pytest.fixture(scope="module")
-def world2():
-    return run_ranks(_run, 2, timeout=900.0)
-
-
-@pytest.fixture(scope="module")
-def world3():
-    return run_ranks(_run, 3, timeout=900.0)
-
-
-@pytest.fixture(params=[2, 3], ids=lambda world: f"world{world}")
-def ranks(request):
-    return request.param, request.getfixturevalue(f"world{request.param}")
+world2, world3, ranks = world_fixtures(_run, timeout=900.0)
 
 
 @pytest.mark.parametrize("name", TRANSFORMERS)
