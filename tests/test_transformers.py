@@ -104,6 +104,17 @@ def test_joint_attention_keeps_image_queries_local():
     assert {e.bytes_per_call for e in report.exchanges if e.kind == "kv_gather"} == {64 * 2 * 8 * 4}
 
 
+def test_packed_tokens_compiled_unsplit_say_so(caplog):
+    # With no process group: a graph with no spatial input needs none, and runs whole.
+    model, args, kwargs = tiny_flux_transformer()
+    compiled = torch.compile(model, backend="distri", options={"lowering": "eager"})
+    with torch.no_grad():
+        output = as_tensor(compiled(*args, **kwargs))
+        torch.testing.assert_close(output, as_tensor(model(*args, **kwargs)))
+    assert any(r.levelname == "WARNING" and "hidden_states" in r.getMessage() and "nothing in parallel" in r.getMessage()
+               for r in caplog.records), caplog.text
+
+
 def test_packed_tokens_are_refused_by_name():
     model, args, kwargs = tiny_flux_transformer()
     with pytest.raises(DistriCompileError, match=r"hidden_states .*packed tokens.*Not built yet"):
