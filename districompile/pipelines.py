@@ -12,8 +12,9 @@ from .runtime import reset
 
 
 def parallelize(pipe, split_vae: bool = True, **options):
-    """Compile ``pipe.unet`` (and ``pipe.controlnet``, where the pipeline has one) with
-    ``backend="distri"`` and ``options``, and wrap ``pipe.__call__``.
+    """Compile the pipeline's denoiser (``pipe.unet``, or ``pipe.transformer`` for SD3 and PixArt;
+    and ``pipe.controlnet``, where the pipeline has one) with ``backend="distri"`` and ``options``,
+    and wrap ``pipe.__call__``.
 
     ``split_vae`` (default on): ``pipe.vae.decode`` and ``pipe.vae.encode`` (which image-to-image
     pipelines call on their input image) are compiled too, in ``full_sync`` (exact; no warm-up,
@@ -32,10 +33,12 @@ def parallelize(pipe, split_vae: bool = True, **options):
     config = DistriConfig.from_options(options)  # unknown options raise here, naming them
     group = config.group or dist.group.WORLD
     rank = dist.get_rank(group)
-    models = [pipe.unet] + ([pipe.controlnet] if getattr(pipe, "controlnet", None) is not None else [])
-    pipe.unet = torch.compile(pipe.unet, backend="distri", options=options, dynamic=False)
-    if len(models) > 1:  # its residuals come out whole on every rank; the UNet splits them again
-        pipe.controlnet = torch.compile(pipe.controlnet, backend="distri", options=options, dynamic=False)
+    denoiser = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
+    # The controlnet's residuals come out whole on every rank; the UNet splits them again.
+    names = [denoiser] + (["controlnet"] if getattr(pipe, "controlnet", None) is not None else [])
+    models = [getattr(pipe, name) for name in names]
+    for name, model in zip(names, models):
+        setattr(pipe, name, torch.compile(model, backend="distri", options=options, dynamic=False))
     if split_vae:
         # The VAE's input is split by default (the latent, the image): spatial_inputs name the UNet's.
         vae_options = {k: v for k, v in options.items() if k != "spatial_inputs"}

@@ -8,7 +8,8 @@
 
 ``full_sync`` equals one process at worlds 2 and 3 (fp32, 1e-4) with no fallback gather in the
 plan, and the default displaced mode stays closer to one process than ``naive_patch`` over a
-short trajectory (world 2). Flux's packed tokens are refused with an error that says why.
+short trajectory (world 2); their pipelines (StableDiffusion3Pipeline, PixArtSigmaPipeline) through
+``parallelize`` equal one process. Flux's packed tokens are refused with an error that says why.
 One spawn per world runs every model; the tests check what it returns.
 """
 
@@ -39,6 +40,38 @@ def trajectory(model, args, kwargs, reset=lambda: None) -> torch.Tensor:
     return x
 
 
+def tiny_dit_pipeline(kind):
+    """An SD3 or PixArt-Sigma pipeline of tiny seeded models (no text encoders: embeddings are passed),
+    and its call arguments: 32x32 pixels, a 16x16 latent, 3 steps with guidance (a batch of 2)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, PixArtSigmaPipeline, StableDiffusion3Pipeline
+
+    transformer, _, _ = TRANSFORMERS[kind]()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+            block_out_channels=(8, 16), latent_channels=4, norm_num_groups=8, shift_factor=0.0,
+        )
+        text, negative = torch.randn(1, 7, 24), torch.randn(1, 7, 24)
+        call = {"prompt_embeds": text, "negative_prompt_embeds": negative, "height": 32, "width": 32, "num_inference_steps": 3}
+        if kind == "sd3":
+            call.update(pooled_prompt_embeds=torch.randn(1, 12), negative_pooled_prompt_embeds=torch.randn(1, 12))
+            encoders = {f"{part}{suffix}": None for part in ("text_encoder", "tokenizer") for suffix in ("", "_2", "_3")}
+            pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, **encoders)
+        else:
+            call.update(
+                negative_prompt=None, prompt_attention_mask=torch.ones(1, 7), negative_prompt_attention_mask=torch.ones(1, 7),
+                use_resolution_binning=False,
+            )
+            pipe = PixArtSigmaPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, call
+
+
+def generate(pipe, call):
+    return pipe(**call, output_type="np", generator=torch.Generator().manual_seed(0)).images
+
+
 def _run(rank, world):
     errors, quality = {}, {}
     with torch.no_grad():
@@ -54,6 +87,14 @@ def _run(rank, world):
                     torch._dynamo.reset()
                     compiled = torch.compile(model, backend="distri", options={"lowering": "eager", "warmup_steps": 1, **options})
                     quality[name][mode] = trajectory(compiled, args, kwargs, lambda: districompile.reset(model))
+            # The pipeline through parallelize (the CFG batch split, where the world is even).
+            pipe, call = tiny_dit_pipeline(name)
+            reference = generate(pipe, call)
+            districompile.parallelize(pipe, sync_mode="full_sync", lowering="eager")
+            if rank == 0:  # the other ranks get the images as a tensor
+                errors[f"{name} pipeline"] = float(abs(generate(pipe, call) - reference).max())
+            else:
+                generate(pipe, call)
     return errors, quality
 
 
@@ -76,6 +117,13 @@ def test_displaced_beats_naive_patch(world2, name):
             print(f"\n{name}: displaced {displaced:.1f} dB, naive_patch {naive:.1f} dB")
         assert displaced > 30, f"rank {rank}: {name} displaced {displaced:.1f} dB"
         assert displaced > naive, f"rank {rank}: {name} displaced {displaced:.1f} dB, naive_patch {naive:.1f} dB"
+
+
+@pytest.mark.parametrize("name", TRANSFORMERS)
+def test_pipeline_through_parallelize_equals_one_process(ranks, name):
+    world, per_rank = ranks
+    errors, _ = per_rank[0]
+    assert errors[f"{name} pipeline"] < TOLERANCE, f"world {world}: {name} pipeline, max |parallel - one process| {errors[f'{name} pipeline']:.2e}"
 
 
 @pytest.mark.parametrize("name", TRANSFORMERS)
