@@ -63,8 +63,8 @@ def test_single_rank_exchanges():
 
 
     # Progress on long work: each phase's lowering is logged as it starts and when it is done.
-    started = [re.fullmatch(r"districompile: lowering the (\S+) phase \(\d+ nodes, eager\)", m) for m in messages]
-    done = [re.fullmatch(r"districompile: lowered the (\S+) phase in \d+\.\d s", m) for m in messages]
+    started = [re.fullmatch(r"districompile: graph of \w+: lowering the (\S+) phase \(\d+ nodes, eager\)", m) for m in messages]
+    done = [re.fullmatch(r"districompile: graph of \w+: lowering the (\S+) phase \(\d+ nodes, eager\) took \d+\.\d s", m) for m in messages]
     assert [m.group(1) for m in started if m] == ["synchronous", "warm-up", "steady"]
     assert [m.group(1) for m in done if m] == ["synchronous", "warm-up", "steady"]
 
