@@ -37,18 +37,25 @@ def local_row(args, positions, summed, timesteps, sample, last_sample, trajector
     the shapes of the inputs at ``positions``, the sums of those at ``summed``."""
     tensors = [args[i] for i in summed if isinstance(args[i], torch.Tensor)]
     device = tensors[0].device if tensors else torch.device("cpu")
-    values = [x.detach().to(torch.float64) for x in tensors]
     zero = torch.zeros((), dtype=torch.float64, device=device)
-    # Weighting input i by i + 1 tells apart swapped inputs of equal sums.
-    total = sum(((i + 1) * v.sum() for i, v in enumerate(values)), zero)
-    squares = sum(((i + 1) * v.square().sum() for i, v in enumerate(values)), zero)
-    timestep = max((args[i].detach().to(torch.float64).max() for i in timesteps), default=zero - 1)
+    # Reduced in float64 without a float64 copy of each input (this runs on every call). Weighting
+    # input i by i + 1 tells apart swapped inputs of equal sums.
+    total = sum(((i + 1) * x.detach().sum(dtype=torch.float64) for i, x in enumerate(tensors)), zero)
+    squares = sum(((i + 1) * _sum_of_squares(x.detach()) for i, x in enumerate(tensors)), zero)
+    # One max on the device: Python's max over tensors would read each comparison on the host.
+    timestep = torch.stack([args[i].detach().to(torch.float64).max() for i in timesteps]).max() if timesteps else zero - 1
     if sample is None or last_sample is None or last_sample.shape != sample.shape:
         moved, norm = zero - 1, zero
     else:
         moved, norm = (sample.double() - last_sample.double()).norm(), last_sample.double().norm()
     head = torch.tensor([trajectory, call, shapes_code(args, positions)], dtype=torch.float64, device=device)
     return torch.cat([head, torch.stack([total, squares, timestep, moved, norm])])
+
+
+def _sum_of_squares(x: torch.Tensor) -> torch.Tensor:
+    if x.is_floating_point():
+        return torch.linalg.vector_norm(x, dtype=torch.float64).square()
+    return x.double().square().sum()  # an integer input (a timestep): a few elements
 
 
 def gather_rows_of_ranks(row: torch.Tensor, group, where: str) -> list[list[float]]:
