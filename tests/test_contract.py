@@ -80,6 +80,14 @@ def _agreeing(rank, world):
         out["b_after_a"] = denoise(unet, x_b, LOW_STEPS)
         districompile.reset(model)
         out["b_alone"] = denoise(unet, x_b, LOW_STEPS)
+        # The same under the default lowering (Inductor) at the CFG batch of 2, split over the ranks
+        # where the world is even.
+        model, unet, (x_a, _) = compiled(lambda: micro_unet(batch=2), lowering="inductor")
+        x_b = torch.randn_like(x_a)
+        denoise(unet, x_a, A_STEPS)
+        out["inductor_b_after_a"] = denoise(unet, x_b, LOW_STEPS)
+        districompile.reset(model)
+        out["inductor_b_alone"] = denoise(unet, x_b, LOW_STEPS)
 
         # Per-sample timesteps: the sample continues A's, only the timesteps rise.
         model, unet, (x, _, context) = compiled(lambda: tiny_sd15_unet(batch=3))
@@ -134,6 +142,7 @@ def agreeing(request):
 def test_new_image_without_reset_equals_that_image_alone(agreeing):
     for rank, out in enumerate(agreeing[1]):
         torch.testing.assert_close(out["b_after_a"], out["b_alone"], rtol=0, atol=0, msg=f"rank {rank}")
+        torch.testing.assert_close(out["inductor_b_after_a"], out["inductor_b_alone"], rtol=0, atol=0, msg=f"rank {rank}: inductor")
 
 
 def test_per_sample_timesteps_restart_the_trajectory(agreeing):
