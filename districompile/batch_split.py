@@ -26,7 +26,7 @@ import torch.utils._pytree as pytree
 from . import rules  # noqa: F401  (registers the sharding rules)
 from .collectives import gather_rows
 from .config import DistriConfig
-from .passes.annotate import is_model_state
+from .passes.annotate import has_batch, is_model_state
 from .passes.capture import capture
 from .passes.partition import partition
 from .passes.propagate import Propagation, propagate
@@ -66,7 +66,7 @@ def plan_batch_split(dynamo_gm: fx.GraphModule, args, spatial: list[int], world:
     """The batch split of a call with ``args`` on ``world`` ranks, or None (the reason logged) where none applies."""
     if not config.split_batch:
         return None
-    batches = sorted({args[i].shape[0] for i in spatial})
+    batches = sorted({args[i].shape[0] for i in spatial if has_batch(args[i])})
     if world % 2:
         return _unsplit(f"world size {world} is odd")
     if len(batches) != 1:

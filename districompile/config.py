@@ -21,6 +21,10 @@ class DistriConfig:
     cuda_graphs: bool | None = None  # None: on for CUDA inputs
     group: object = None  # a ProcessGroup; None: the default (WORLD) group
     spatial_inputs: tuple[str, ...] | None = None  # input names to split; None: 4-d float inputs
+    # Packed-token inputs (..., rows * cols, C) to split by whole rows of their image grid, by name:
+    # {"hidden_states": (rows, cols), "img_ids": (rows, cols)} for Flux. Given as a dict, kept as
+    # sorted (name, grid) pairs: the config is hashable (a model keeps a runtime per config).
+    token_grids: tuple[tuple[str, tuple[int, int]], ...] | None = None
     # Keep the exchange ops on a single rank (1-rank collectives): to test or time them on one device.
     single_rank_exchanges: bool = False
     # Compare a fingerprint of every rank's inputs and trajectory state before each call's exchanges.
@@ -40,6 +44,13 @@ class DistriConfig:
             raise ValueError(f"districompile: warmup_steps must be >= 0, got {self.warmup_steps}")
         if isinstance(self.spatial_inputs, str):
             object.__setattr__(self, "spatial_inputs", (self.spatial_inputs,))
+        if self.token_grids is not None:
+            object.__setattr__(self, "token_grids", _token_grid_pairs(self.token_grids))
+
+    @property
+    def grids(self) -> dict[str, tuple[int, int]]:
+        """``token_grids`` as a dict (empty where none is given)."""
+        return dict(self.token_grids or ())
 
     @property
     def exchanges(self) -> bool:
@@ -56,3 +67,23 @@ class DistriConfig:
         if unknown:
             raise ValueError(f"districompile: unknown option(s) {unknown}; known: {sorted(known)}")
         return cls(**options)
+
+
+def _token_grid_pairs(token_grids) -> tuple[tuple[str, tuple[int, int]], ...]:
+    """Sorted ``(name, (rows, cols))`` pairs, from a dict or from pairs (a config made by ``replace``)."""
+    pairs = token_grids.items() if isinstance(token_grids, dict) else token_grids
+    try:
+        pairs = tuple(sorted((name, tuple(grid)) for name, grid in pairs))
+        valid = all(isinstance(name, str) and _is_grid(grid) for name, grid in pairs)
+    except (TypeError, ValueError):  # not pairs of a name and a grid
+        valid = False
+    if not valid:
+        raise ValueError(
+            f"districompile: token_grids={token_grids!r}; give each packed-token input's grid of image rows and "
+            "columns by its name, e.g. token_grids={'hidden_states': (64, 64), 'img_ids': (64, 64)}"
+        )
+    return pairs
+
+
+def _is_grid(grid: tuple) -> bool:
+    return len(grid) == 2 and all(isinstance(n, int) and n > 0 for n in grid)

@@ -107,7 +107,7 @@ def explain(model, *args, world_size: int, verbose: bool = True, sites: bool = F
         captured["gm"], captured["inputs"] = gm, list(example_inputs)
         # Input names are Dynamo's to give, during this call only; an unknown name is raised below.
         try:
-            captured["spatial"] = spatial_inputs(gm, captured["inputs"], config.spatial_inputs)
+            captured["spatial"] = spatial_inputs(gm, captured["inputs"], config.spatial_inputs, config.grids)
             tokens = token_sequences(gm, captured["inputs"])
             if not captured["spatial"] and tokens:  # a transformer's packed latent (Flux)
                 raise packed_tokens_error(tokens, named=False)

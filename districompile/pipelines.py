@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 import torch.distributed as dist
@@ -12,9 +13,14 @@ from .runtime import reset
 
 
 def parallelize(pipe, split_vae: bool = True, **options):
-    """Compile the pipeline's denoiser (``pipe.unet``, or ``pipe.transformer`` for SD3 and PixArt;
-    and ``pipe.controlnet``, where the pipeline has one) with ``backend="distri"`` and ``options``,
-    and wrap ``pipe.__call__``.
+    """Compile the pipeline's denoiser (``pipe.unet``, or ``pipe.transformer`` for SD3, PixArt and
+    Flux; and ``pipe.controlnet``, where the pipeline has one) with ``backend="distri"`` and
+    ``options``, and wrap ``pipe.__call__``.
+
+    Flux's transformer takes the latent as packed tokens: each call names their grid, the latent's
+    rows and columns over 2 (``token_grids`` for ``hidden_states`` and ``img_ids``, from the call's
+    ``height`` and ``width`` or the pipeline's defaults), and ``pipe.transformer`` is the transformer
+    compiled for that grid (once per image size). A ``token_grids`` option overrides it.
 
     ``split_vae`` (default on): ``pipe.vae.decode`` and ``pipe.vae.encode`` (which image-to-image
     pipelines call on their input image) are compiled too, in ``full_sync`` (exact; no warm-up,
@@ -37,11 +43,15 @@ def parallelize(pipe, split_vae: bool = True, **options):
     # The controlnet's residuals come out whole on every rank; the UNet splits them again.
     names = [denoiser] + (["controlnet"] if getattr(pipe, "controlnet", None) is not None else [])
     models = [getattr(pipe, name) for name in names]
+    # Flux's packed tokens split by their grid, which each call's height and width decide: its
+    # transformer is compiled per grid, at the call.
+    per_grid = _compiled_per_token_grid(pipe.transformer, options) if _packs_tokens(pipe) and "token_grids" not in options else None
     for name, model in zip(names, models):
-        setattr(pipe, name, torch.compile(model, backend="distri", options=options, dynamic=False))
+        if per_grid is None or name != "transformer":
+            setattr(pipe, name, torch.compile(model, backend="distri", options=options, dynamic=False))
     if split_vae:
-        # The VAE's input is split by default (the latent, the image): spatial_inputs name the UNet's.
-        vae_options = {k: v for k, v in options.items() if k != "spatial_inputs"}
+        # The VAE's input is split by default (the latent, the image): spatial_inputs and token_grids name the denoiser's.
+        vae_options = {k: v for k, v in options.items() if k not in ("spatial_inputs", "token_grids")}
         vae_options.update(sync_mode="full_sync", parallelism="patch")
         for name in ("decode", "encode"):
             compiled = torch.compile(_Method(getattr(pipe.vae, name)), backend="distri", options=vae_options, dynamic=False)
@@ -56,6 +66,8 @@ def parallelize(pipe, split_vae: bool = True, **options):
     def parallel_call(self, *args, **kwargs):
         for model in models:
             reset(model)
+        if per_grid is not None:
+            self.transformer = per_grid(_flux_token_grid(self, call, args, kwargs))
         if kwargs.get("generator") is None and kwargs.get("latents") is None:
             seed = torch.randint(0, 2**31 - 1, (1,))
             dist.broadcast(seed, src=dist.get_global_rank(group, 0), group=group)
@@ -68,6 +80,33 @@ def parallelize(pipe, split_vae: bool = True, **options):
     # ``pipe(...)`` looks __call__ up on the class, so the pipeline gets a subclass of its own.
     pipe.__class__ = type(type(pipe).__name__, (type(pipe),), {"__call__": parallel_call})
     return pipe
+
+
+def _packs_tokens(pipe) -> bool:
+    """A Flux pipeline: its transformer takes the latent packed in 2 x 2 patches, with their grid positions."""
+    from diffusers import FluxTransformer2DModel
+
+    return isinstance(getattr(pipe, "transformer", None), FluxTransformer2DModel)
+
+
+def _compiled_per_token_grid(transformer, options):
+    """Flux's transformer compiled for a token grid, once per grid (per image size)."""
+
+    @functools.cache
+    def compiled(grid: tuple[int, int]):
+        token_grids = {"hidden_states": grid, "img_ids": grid}
+        return torch.compile(transformer, backend="distri", options={**options, "token_grids": token_grids}, dynamic=False)
+
+    return compiled
+
+
+def _flux_token_grid(pipe, call, args, kwargs) -> tuple[int, int]:
+    """The token grid of a Flux pipeline call: its latent (the image over ``vae_scale_factor``) in 2 x 2 patches,
+    the height and width defaulted and rounded down as the pipeline does."""
+    bound = inspect.signature(call).bind(pipe, *args, **kwargs).arguments
+    default = pipe.default_sample_size * pipe.vae_scale_factor
+    patch = pipe.vae_scale_factor * 2
+    return (bound.get("height") or default) // patch, (bound.get("width") or default) // patch
 
 
 class _Method(torch.nn.Module):

@@ -23,7 +23,7 @@ from .compiler import plan
 from .config import DistriConfig
 from .displaced import allocate_buffers
 from .errors import DistriCompileError
-from .passes.annotate import input_names, spatial_inputs, timestep_inputs, token_sequences
+from .passes.annotate import PACKED_TOKENS_FIX, input_names, spatial_inputs, timestep_inputs, token_sequences
 from .passes.displace import displace
 from .passes.sequence import sequence_exchanges
 from .trajectory import NEW_SAMPLE_JUMP, ModelLookup, ModelRuntime, Trajectory, model_runtimes
@@ -66,7 +66,7 @@ class DistriRuntime:
     def __init__(self, dynamo_gm: fx.GraphModule, example_inputs: list, config: DistriConfig):
         self.dynamo_gm = dynamo_gm
         self.config = config
-        self.spatial = spatial_inputs(dynamo_gm, example_inputs, config.spatial_inputs)
+        self.spatial = spatial_inputs(dynamo_gm, example_inputs, config.spatial_inputs, config.grids)
         self.timesteps = timestep_inputs(dynamo_gm, example_inputs, self.spatial)
         self.token_inputs = [] if self.spatial else token_sequences(dynamo_gm, example_inputs)
         placeholders = [n for n in dynamo_gm.graph.nodes if n.op == "placeholder"]
@@ -147,8 +147,8 @@ class DistriRuntime:
             if self.token_inputs:  # a transformer's packed latent (Flux): the whole model would run unsplit
                 log.warning(
                     "districompile: %s has no spatial input (N, C, H, W) but token sequences %s, maybe an image's packed "
-                    "tokens (Flux): it runs whole on every rank, nothing in parallel. districompile cannot split packed "
-                    "tokens by image rows yet (docs/DESIGN.md, Not built yet)", self.name, ", ".join(self.token_inputs),
+                    "tokens (Flux): it runs whole on every rank, nothing in parallel; %s", self.name, ", ".join(self.token_inputs),
+                    PACKED_TOKENS_FIX,
                 )
             lowered = self._lower(self.dynamo_gm, args, "unsplit", None, 0)
             return Trajectory({"unsplit": self.dynamo_gm}, {"unsplit": lowered}, [], 0, None)

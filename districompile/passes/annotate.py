@@ -1,7 +1,8 @@
 """Annotate: which inputs are spatial, and how their rows are split across the ranks.
 
-Spatial inputs are the user's 4-d floating tensors (N, C, H, W), split along H; parameters,
-buffers, timesteps and text embeddings are replicated. The split deals out blocks of F rows,
+Spatial inputs are the user's 4-d floating tensors (N, C, H, W), split along H, and the packed
+tokens (B, rows * cols, C) that ``token_grids`` names, split by whole rows of their grid;
+parameters, buffers, timesteps and text embeddings are replicated. The split deals out blocks of F rows,
 F being the network's total downsampling, so every resolution level splits evenly and skip
 connections line up without moving rows.
 """
@@ -80,31 +81,74 @@ def input_names(placeholders: list[fx.Node]) -> list[tuple[str, ...]]:
     return names
 
 
-def spatial_inputs(dynamo_gm: fx.GraphModule, inputs: list, names: tuple[str, ...] | None) -> list[int]:
+class TokenInput(int):
+    """The position of a packed-token input (..., rows * cols, C) among the graph's inputs, with its
+    ``grid`` (rows, cols): tokens packed row-major, split by whole grid rows. An int wherever
+    positions are used (the runtime, the batch split); ``split_rows`` reads the grid."""
+
+    grid: tuple[int, int]
+
+    def __new__(cls, position: int, grid: tuple[int, int]):
+        token_input = super().__new__(cls, position)
+        token_input.grid = grid
+        return token_input
+
+
+def spatial_inputs(
+    dynamo_gm: fx.GraphModule, inputs: list, names: tuple[str, ...] | None, token_grids: dict[str, tuple[int, int]] | None = None,
+) -> list[int]:
     """Positions of the placeholders to split: those ``names`` name, else the floating user inputs
-    of 4 dims (N, C, H, W) or 5 (a video's N, C, F, H, W). Only inside a backend call."""
+    of 4 dims (N, C, H, W) or 5 (a video's N, C, F, H, W); and the packed-token inputs that
+    ``token_grids`` name (``TokenInput``). Only inside a backend call."""
     placeholders = [n for n in dynamo_gm.graph.nodes if n.op == "placeholder"]
+    known = input_names(placeholders) if names is not None or token_grids else []
+    tokens = _token_inputs(placeholders, known, inputs, token_grids or {})
     if names is None:
-        return [
+        positions = [
             position for position, (node, value) in enumerate(zip(placeholders, inputs))
             if isinstance(value, torch.Tensor) and value.dim() in (4, 5) and value.is_floating_point()
             and not is_model_state(node, value)
         ]
-    known = input_names(placeholders)
+    else:
+        positions = _named_positions("spatial_inputs", names, placeholders, known, inputs)
+        packed = [
+            f"{known[p][0]} {tuple(inputs[p].shape)}" for p in positions
+            if p not in tokens and isinstance(inputs[p], torch.Tensor) and inputs[p].dim() == 3
+        ]
+        if packed:
+            raise packed_tokens_error(packed, named=True)
+    # The first is the sample the runtime watches (and the rows the others line up with): never Flux's img_ids.
+    ordered = sorted({*positions, *tokens}, key=lambda position: (not has_batch(inputs[position]), position))
+    return [tokens.get(position, position) for position in ordered]
+
+
+def _named_positions(option: str, names, placeholders: list[fx.Node], known: list[tuple[str, ...]], inputs: list) -> list[int]:
     unknown = [name for name in names if not any(name in answers for answers in known)]
     if unknown:
         offered = [answers[0] for node, answers, value in zip(placeholders, known, inputs) if not is_model_state(node, value)]
         raise DistriCompileError(
-            f"spatial_inputs={tuple(names)}: no input is named {unknown}; the inputs of this graph are "
+            f"{option}={tuple(names)}: no input is named {unknown}; the inputs of this graph are "
             f"{list(dict.fromkeys(offered))} (an element of a tuple or dict argument also answers to name[index] or name['key'])"
         )
-    positions = [position for position, answers in enumerate(known) if any(name in answers for name in names)]
-    tokens = [
-        f"{known[p][0]} {tuple(inputs[p].shape)}" for p in positions if isinstance(inputs[p], torch.Tensor) and inputs[p].dim() == 3
-    ]
-    if tokens:
-        raise packed_tokens_error(tokens, named=True)
-    return positions
+    return [position for position, answers in enumerate(known) if any(name in answers for name in names)]
+
+
+def _token_inputs(placeholders, known, inputs, token_grids: dict[str, tuple[int, int]]) -> dict[int, TokenInput]:
+    """The inputs ``token_grids`` names, by position, each holding rows x cols tokens in its dim -2."""
+    tokens = {}
+    for position in _named_positions("token_grids", tuple(token_grids), placeholders, known, inputs):
+        name = next(name for name in token_grids if name in known[position])
+        rows, cols = token_grids[name]
+        value = inputs[position]
+        if not isinstance(value, torch.Tensor) or value.dim() < 2 or value.shape[-2] != rows * cols:
+            shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise DistriCompileError(
+                f"token_grids: {name} {shape} does not hold the {rows} x {cols} = {rows * cols} tokens of its grid "
+                f"{(rows, cols)} in its dim -2 (tokens, then channels: (B, L, C) or Flux's img_ids (L, 3)); give the "
+                "grid of image rows and columns its tokens were packed from"
+            )
+        tokens[position] = TokenInput(position, (rows, cols))
+    return tokens
 
 
 def token_sequences(dynamo_gm: fx.GraphModule, inputs: list) -> list[str]:
@@ -118,16 +162,20 @@ def token_sequences(dynamo_gm: fx.GraphModule, inputs: list) -> list[str]:
 
 
 def packed_tokens_error(tokens: list[str], named: bool) -> DistriCompileError:
-    # Splitting a token sequence by image rows needs its grid (tokens per row), which no option names
-    # yet; a split that ignored it would cut image rows apart (docs/DESIGN.md).
+    # Splitting a token sequence by image rows needs its grid (tokens per row): a split that ignored
+    # it would cut image rows apart (docs/DESIGN.md, packed-token inputs).
     what = (
         f"spatial_inputs names {', '.join(tokens)}: packed tokens (B, L, C), not a latent (N, C, H, W)" if named else
         f"no spatial input (N, C, H, W); the token sequences {', '.join(tokens)} may hold an image's packed tokens (Flux)"
     )
-    return DistriCompileError(
-        f"{what}: districompile cannot split packed tokens by image rows yet, no option names their grid (docs/DESIGN.md, "
-        "Not built yet). Pass the latent as (N, C, H, W) where the model takes one (SD3, PixArt), or run the model unsplit"
-    )
+    return DistriCompileError(f"{what}: {PACKED_TOKENS_FIX}")
+
+
+PACKED_TOKENS_FIX = (
+    "to split packed tokens by image rows, name their grid of rows and columns with token_grids= "
+    "(Flux: token_grids={'hidden_states': (H / 16, W / 16), 'img_ids': (H / 16, W / 16)} for an H x W image), "
+    "or let districompile.parallelize(pipe) fill it in from the call's height and width"
+)
 
 
 _EMBEDDING_OPS = {torch.sin, torch.cos, torch.Tensor.sin, torch.Tensor.cos, "sin", "cos"}
@@ -139,7 +187,7 @@ def timestep_inputs(dynamo_gm: fx.GraphModule, inputs: list, spatial: list[int])
     embedding of the raw value), the floating ones of that shape. The runtime watches them to see
     a new trajectory begin. Only inside a backend call."""
     placeholders = [n for n in dynamo_gm.graph.nodes if n.op == "placeholder"]
-    batch = {inputs[p].shape[0] for p in spatial}
+    batch = {inputs[p].shape[0] for p in spatial if has_batch(inputs[p])}
     candidates = [
         position for position, (node, value) in enumerate(zip(placeholders, inputs))
         if isinstance(value, torch.Tensor) and position not in spatial and not is_model_state(node, value)
@@ -175,8 +223,14 @@ def nearest_heights(height: int, multiple: int, world: int) -> list[int]:
 
 
 def row_dim(value) -> int:
-    """The rows of a spatial tensor: H of (N, C, H, W), and of a video's (N, C, F, H, W)."""
+    """The rows of a spatial tensor: H of (N, C, H, W), and of a video's (N, C, F, H, W); the tokens
+    (rows x columns of their grid) of packed tokens (B, L, C) and of Flux's positions ``img_ids`` (L, 3)."""
     return value.dim() - 2
+
+
+def has_batch(value) -> bool:
+    """Whether a spatial input's dim 0 is the batch: all but a token input with no batch (Flux's ``img_ids``)."""
+    return row_dim(value) > 0
 
 
 def split_rows(aten_gm: fx.GraphModule, positions: list[int], world: int) -> tuple[dict, RowSplit]:
@@ -189,7 +243,9 @@ def split_rows(aten_gm: fx.GraphModule, positions: list[int], world: int) -> tup
     """
     placeholders = [n for n in aten_gm.graph.nodes if n.op == "placeholder"]
     values = {p: placeholders[p].meta["val"] for p in positions}
-    heights = {p: v.shape[row_dim(v)] for p, v in values.items()}
+    # A token input's rows are its grid's, each of ``cols`` tokens (the inner factor of its token dim).
+    heights = {p: p.grid[0] if isinstance(p, TokenInput) else v.shape[row_dim(v)] for p, v in values.items()}
+    cols = {p: p.grid[1] if isinstance(p, TokenInput) else 1 for p in positions}
     height = heights[positions[0]]
     scales = {p: Fraction(h, height) for p, h in heights.items()}
     for p, scale in scales.items():
@@ -206,7 +262,7 @@ def split_rows(aten_gm: fx.GraphModule, positions: list[int], world: int) -> tup
 
     # A one-rank probe finds how far the network downsamples (and where a height stops dividing).
     probe_split = RowSplit((0, height))
-    probe_specs = {placeholders[p]: Shard(row_dim(values[p]), probe_split.scaled(scales[p])) for p in positions}
+    probe_specs = {placeholders[p]: Shard(row_dim(values[p]), probe_split.scaled(scales[p]), inner=cols[p]) for p in positions}
     probe = propagate(aten_gm, probe_specs, 1, exchange=False)
     multiple = math.lcm(*(s.numerator for s in _downsampling(probe.specs)), coarsest)
     if height % multiple:
@@ -222,7 +278,7 @@ def split_rows(aten_gm: fx.GraphModule, positions: list[int], world: int) -> tup
             f"(the network downsamples {multiple}x); use at most {height // multiple} ranks or height >= {multiple * world}"
         )
     split = RowSplit.even(height, world, multiple)
-    return {placeholders[p]: Shard(row_dim(values[p]), split.scaled(scales[p])) for p in positions}, split
+    return {placeholders[p]: Shard(row_dim(values[p]), split.scaled(scales[p]), inner=cols[p]) for p in positions}, split
 
 
 def _first_uneven(aten_gm, specs) -> str:
