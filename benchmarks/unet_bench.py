@@ -48,7 +48,7 @@ from districompile.backends.lowering import lower
 from districompile.config import DistriConfig
 from districompile.metrics import relative_error
 from districompile.passes.localize import localize
-from districompile.unets import SDXL, TINY_SDXL, pooled_dim, sdxl_time_ids
+from districompile.unets import SDXL, TINY_SDXL, sdxl_unet
 
 MODELS = {"sdxl": SDXL, "tiny": TINY_SDXL}
 DISPLACED_KINDS = ("halo", "kv_gather", "stats_allgather", "allreduce")  # explain's kinds kept as stale buffers
@@ -56,23 +56,7 @@ MODES = ("eager", "reduce-overhead", "distri1", "distri1-unchecked", "distri1-st
 
 
 def build(model: str, size: int, batch: int, dtype, device):
-    from diffusers import UNet2DConditionModel
-
-    config = MODELS[model]
-    torch.manual_seed(0)
-    with torch.device(device):  # random init on the GPU: seconds, not a minute on the CPU
-        unet = UNet2DConditionModel(**config).to(dtype).eval()
-    latent = size // 8
-    args = (
-        torch.randn(batch, 4, latent, latent, device=device, dtype=dtype),
-        torch.tensor(500.0, device=device),
-        torch.randn(batch, 77, config["cross_attention_dim"], device=device, dtype=dtype),
-    )
-    added = {
-        "text_embeds": torch.randn(batch, pooled_dim(config), device=device, dtype=dtype),
-        "time_ids": sdxl_time_ids(batch, latent, latent, device, dtype),
-    }
-    return unet, args, {"added_cond_kwargs": added}
+    return sdxl_unet(MODELS[model], size, batch, dtype, device)
 
 
 def sync(device):

@@ -1,6 +1,8 @@
-"""Local computations that the partitioner emits into the per-rank program.
+"""Local computations that the partitioner writes into the per-rank program, as ATen ops.
 
-Plain functions of tensors: the eager lowering calls them, Inductor traces through them.
+Each takes ``call`` (``Emitter.call``: write one op, return its node). Only ATen ops and the
+exchange ops go into a program: a plain Python function there would make Inductor bypass its FX
+graph cache and AOTAutograd's, so a restarted process would compile every phase again.
 The exchanges themselves live in ``collectives``.
 """
 
@@ -8,50 +10,50 @@ from __future__ import annotations
 
 import torch
 
+aten = torch.ops.aten
 
-def take_rows(x: torch.Tensor, canonical: list[int], start: int, stop: int, local_shape: list[int]) -> torch.Tensor:
+
+def take_rows(call, x, canonical: list[int], start: int, stop: int, local_shape: list[int]):
     """This rank's rows of a replicated tensor (the full input, a positional table); contiguous, as
     a computed local tensor would be (ATen kernels such as native_group_norm require it)."""
-    return x.reshape(canonical)[:, :, start:stop].reshape(local_shape).contiguous()
+    rows = call(aten.slice.Tensor, call(aten.reshape.default, x, canonical), 2, start, stop)
+    return call(aten.clone.default, call(aten.reshape.default, rows, local_shape), memory_format=torch.contiguous_format)
 
 
-def local_group_stats(x: torch.Tensor, groups: int) -> torch.Tensor:
+def local_group_stats(call, x, local_shape: list[int], groups: int):
     """Per (sample, group): this rank's element count, mean and sum of squared deviations, in float32."""
-    grouped = x.reshape(x.shape[0], groups, -1).float()
-    mean = grouped.mean(-1)
-    m2 = ((grouped - mean.unsqueeze(-1)) ** 2).sum(-1)
-    return torch.stack([torch.full_like(mean, grouped.shape[-1]), mean, m2], -1)
+    grouped = call(aten._to_copy.default, call(aten.reshape.default, x, [local_shape[0], groups, -1]), dtype=torch.float32)
+    mean = call(aten.mean.dim, grouped, [-1])
+    deviation = call(aten.sub.Tensor, grouped, call(aten.unsqueeze.default, mean, -1))
+    m2 = call(aten.sum.dim_IntList, call(aten.mul.Tensor, deviation, deviation), [-1])
+    count = call(aten.full_like.default, mean, torch.Size(local_shape[1:]).numel() // groups)
+    return call(aten.stack.default, [count, mean, m2], -1)
 
 
 def group_norm_from_stats(
-    x: torch.Tensor,
-    all_stats: torch.Tensor,
-    weight: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    groups: int,
-    eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GroupNorm of ``x`` (and its mean and rstd) with statistics merged over the ranks.
+    call, x, local_shape: list[int], dtype: torch.dtype, all_stats, weight, bias, groups: int, eps: float
+) -> tuple:
+    """GroupNorm of ``x`` and its mean and rstd (``native_group_norm``'s three outputs) with
+    statistics merged over the ranks.
 
     ``all_stats[r]`` is rank r's ``local_group_stats``. Merging counts, means and squared
     deviations (Chan et al.) is exact and stable, unlike E[x^2] - E[x]^2; a rank whose
     statistics are left out (count 0) drops out of the merge.
     """
-    n, means, m2s = all_stats.unbind(-1)
-    total = n.sum(0)
-    mean = (n * means).sum(0) / total
-    m2 = m2s.sum(0) + (n * (means - mean) ** 2).sum(0)
-    rstd = torch.rsqrt(m2 / total + eps)
-    return apply_group_norm(x, mean, rstd, weight, bias, groups), mean, rstd
-
-
-def apply_group_norm(x, mean, rstd, weight, bias, groups: int) -> torch.Tensor:
-    grouped = x.reshape(x.shape[0], groups, -1).float()
-    out = ((grouped - mean.unsqueeze(-1)) * rstd.unsqueeze(-1)).reshape(x.shape).to(x.dtype)
-    affine_shape = [1, -1] + [1] * (x.dim() - 2)
+    counts, means, m2s = (call(aten.select.int, all_stats, -1, i) for i in range(3))
+    total = call(aten.sum.dim_IntList, counts, [0])
+    mean = call(aten.div.Tensor, call(aten.sum.dim_IntList, call(aten.mul.Tensor, counts, means), [0]), total)
+    spread = call(aten.sub.Tensor, means, mean)
+    between = call(aten.sum.dim_IntList, call(aten.mul.Tensor, counts, call(aten.mul.Tensor, spread, spread)), [0])
+    m2 = call(aten.add.Tensor, call(aten.sum.dim_IntList, m2s, [0]), between)
+    rstd = call(aten.rsqrt.default, call(aten.add.Tensor, call(aten.div.Tensor, m2, total), eps))
+    grouped = call(aten._to_copy.default, call(aten.reshape.default, x, [local_shape[0], groups, -1]), dtype=torch.float32)
+    centred = call(aten.sub.Tensor, grouped, call(aten.unsqueeze.default, mean, -1))
+    normed = call(aten.reshape.default, call(aten.mul.Tensor, centred, call(aten.unsqueeze.default, rstd, -1)), local_shape)
+    out = call(aten._to_copy.default, normed, dtype=dtype)
+    affine_shape = [1, -1] + [1] * (len(local_shape) - 2)
     if weight is not None:
-        out = out * weight.reshape(affine_shape)
+        out = call(aten.mul.Tensor, out, call(aten.reshape.default, weight, affine_shape))
     if bias is not None:
-        out = out + bias.reshape(affine_shape)
-    return out
-
+        out = call(aten.add.Tensor, out, call(aten.reshape.default, bias, affine_shape))
+    return out, mean, rstd

@@ -68,6 +68,27 @@ def sdxl_time_ids(batch: int, height: int, width: int, device=None, dtype=torch.
     return torch.tensor([[pixel_h, pixel_w, 0, 0, pixel_h, pixel_w]] * batch, device=device, dtype=dtype)
 
 
+def sdxl_unet(config: dict, size: int, batch: int, dtype=torch.float32, device="cpu"):
+    """An SDXL-layout ``UNet2DConditionModel`` of ``config`` with random weights and its inputs for
+    ``size`` x ``size`` pixels: ``(unet, args, kwargs)``, called ``unet(*args, **kwargs)``."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    with torch.device(device):  # random init on the GPU: seconds, not a minute on the CPU
+        unet = UNet2DConditionModel(**config).to(dtype).eval()
+    latent = size // 8
+    args = (
+        torch.randn(batch, 4, latent, latent, device=device, dtype=dtype),
+        torch.tensor(500.0, device=device),
+        torch.randn(batch, 77, config["cross_attention_dim"], device=device, dtype=dtype),
+    )
+    added = {
+        "text_embeds": torch.randn(batch, pooled_dim(config), device=device, dtype=dtype),
+        "time_ids": sdxl_time_ids(batch, latent, latent, device, dtype),
+    }
+    return unet, args, {"added_cond_kwargs": added}
+
+
 # SD-1.5's layout (cross-attention on the text from the first level, no text_time conditioning), tiny.
 TINY_SD15 = dict(
     in_channels=4,

@@ -12,6 +12,7 @@ checked on each call and a change recaptures.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable
 
 import torch
@@ -47,11 +48,13 @@ class PhaseGraph:
         self.static_addresses = self._addresses(args)
         self.graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
+        start = time.perf_counter()
         # thread_local: the process group's watchdog thread may query events during the capture.
         with torch.cuda.graph(self.graph, pool=self.pool, capture_error_mode="thread_local"):
             self.outputs = self.program(*self.inputs)
         self.captures += 1
-        log.info("districompile: captured the %s phase as a CUDA graph (capture %d)", self.name, self.captures)
+        seconds = time.perf_counter() - start
+        log.info("districompile: captured the %s phase as a CUDA graph in %.1f s (capture %d)", self.name, seconds, self.captures)
 
     def __call__(self, *args):
         if self.eager_calls == 0:

@@ -7,6 +7,8 @@ from typing import Callable
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from ..config import DistriConfig
 from .cudagraphs import PhaseGraph, capturable
@@ -28,8 +30,12 @@ def compile_program(program: fx.GraphModule, inputs: list, config: DistriConfig)
         return program
     from torch._inductor.compile_fx import compile_fx
 
-    # CUDA graphs are ours (one per phase, collectives inside), not Inductor's.
-    return compile_fx(program, list(inputs), config_patches={"triton.cudagraphs": False})
+    # Static shapes, under a tracing context of our own as Dynamo would give: Inductor keys its FX
+    # graph cache with the context's shape env (none: the cache is bypassed), and AOTAutograd's.
+    context = torch._guards.TracingContext(FakeTensorMode(shape_env=ShapeEnv()))
+    with torch._guards.tracing(context):
+        # CUDA graphs are ours (one per phase, collectives inside), not Inductor's.
+        return compile_fx(program, list(inputs), config_patches={"triton.cudagraphs": False})
 
 
 def lower(

@@ -96,9 +96,8 @@ class Emitter:
             parts = [self.call(aten.slice.Tensor, blocks, 2, start, stop) for start, stop in bounds]
             return self.call(aten.reshape.default, self.call(aten.cat.default, parts, 2), spec.local_shape(shape, self.rank))
         canonical = spec.canonical_shape(shape, split.extent)
-        return self.call(
-            local_ops.take_rows, whole, canonical, split.start(self.rank), split.stop(self.rank),
-            spec.local_shape(shape, self.rank),
+        return local_ops.take_rows(
+            self.call, whole, canonical, split.start(self.rank), split.stop(self.rank), spec.local_shape(shape, self.rank)
         )
 
     def all_gather_stack(self, x: fx.Node) -> fx.Node:
@@ -114,6 +113,8 @@ _VIEWS = {aten.view.default, aten._unsafe_view.default}
 
 
 def _default_emit(em: Emitter, node: fx.Node, args, kwargs) -> fx.Node:
+    if node.target is operator.getitem and isinstance(args[0], tuple):  # a rule wrote a multi-output op as nodes
+        return args[0][args[1]]
     target = aten.reshape.default if node.target in _VIEWS else node.target
     return em.call(target, *args, **kwargs)
 
@@ -160,7 +161,7 @@ def partition(
                 (node.args, node.kwargs), lambda a: redistribute(a, decision.require.get(a, prop.specs[a]), decision.gather_kind)
             )
             env[node] = (decision.emit or _default_emit)(em, node, args, kwargs)
-            if node.target is not operator.getitem:
+            if node.target is not operator.getitem and isinstance(env[node], fx.Node):
                 env[node].meta["source_node"] = node.name
     graph.eliminate_dead_code()
     return fx.GraphModule(gm, graph)

@@ -36,9 +36,11 @@ def group_norm(ctx, node):
     stats_bytes = n * groups * 3 * 4
 
     def emit(em, node, args, kwargs):
-        stats = em.call(local_ops.local_group_stats, args[0], groups)
+        local_shape = em.local_shape(x)
+        stats = local_ops.local_group_stats(em.call, args[0], local_shape, groups)
         every = em.all_gather_stack(stats)
-        return em.call(local_ops.group_norm_from_stats, args[0], every, args[1], args[2], groups, eps)
+        dtype = x.meta["val"].dtype
+        return local_ops.group_norm_from_stats(em.call, args[0], local_shape, dtype, every, args[1], args[2], groups, eps)
 
     exchange = Exchange(node.name, "stats_allgather", f"{n}x{groups} groups", stats_bytes * ctx.world * (ctx.world - 1))
     return Decision(out, emit=emit, exchanges=[exchange])

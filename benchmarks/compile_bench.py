@@ -1,0 +1,173 @@
+"""Compile time, cold and from shipped caches, per stage: reduce-overhead against ``distri``.
+
+Each measurement is a fresh process. *Cold*: an empty Inductor cache directory; it compiles,
+then saves its portable cache artifacts (``districompile.warm.save``). *Restart*: another empty
+cache directory, the artifacts loaded first (``districompile.warm.load``), as a fresh container
+that was shipped them would. Both time every call until the first steady call (one that replays
+the phase that runs from then on) and split the first call into stages:
+
+- ``dynamo``: Dynamo's tracing (its ``_compile.compile_inner`` less the backend call);
+- ``plan``: districompile's capture to ATen and its passes;
+- ``lower``: compiling each phase (AOTAutograd and Inductor: ``inductor`` for reduce-overhead,
+  which compiles inside the backend call), with Inductor's codegen and the wait for Triton's
+  compile workers shown apart;
+- ``first steady``: seconds from the start to the end of the first steady call, CUDA graph
+  captures included.
+
+Modes: ``reduce-overhead``; ``distri`` at world 1 (the default displaced mode: its warm-up and
+steady programs are the same program at world 1, the second loaded from the cache the first
+filled); ``distri-exchanges``: world 1 with ``single_rank_exchanges``, the two phases of a patch
+rank's program with their exchange ops. One GPU cannot show the CFG split (two ranks).
+
+    python benchmarks/compile_bench.py --sizes 1024 2048          # one GPU; logs under --logs
+    python benchmarks/compile_bench.py --model tiny --sizes 256 --dtype fp32   # a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+MODES = ("reduce-overhead", "distri", "distri-exchanges")
+DISTRI_OPTIONS = {"distri": {}, "distri-exchanges": {"single_rank_exchanges": True}}
+WARMUP_STEPS = 1
+# Inductor's own timers (torch._dynamo.utils.compilation_time_metrics), summed over the phases.
+INDUCTOR_TIMERS = {"codegen": "fx_codegen_and_compile", "triton wait": "async_compile.wait"}
+
+
+class StageLog(logging.Handler):
+    """Collects the seconds of districompile's compile stages (``TORCH_LOGS=districompile``'s lines)."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.stages: dict[str, float] = {}
+
+    def emit(self, record):
+        found = re.search(r"(planning|lowering the (\S+) phase).* took ([\d.]+) s", record.getMessage())
+        if found:
+            name = "plan" if found[1] == "planning" else f"lower {found[2]}"
+            self.stages[name] = self.stages.get(name, 0.0) + float(found[3])
+
+
+def worker(spec: dict) -> dict:
+    import torch.distributed as dist
+
+    from districompile import warm
+    from districompile.unets import SDXL, TINY_SDXL, sdxl_unet
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[spec["dtype"]]
+    os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(spec["port"]))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    unet, args, kwargs = sdxl_unet({"sdxl": SDXL, "tiny": TINY_SDXL}[spec["model"]], spec["size"], 2, dtype, device)
+    stage_log = StageLog()
+    logging.getLogger("districompile").addHandler(stage_log)
+    logging.getLogger("districompile").setLevel(logging.INFO)
+    result = {"load": 0.0}
+    if spec["restart"]:
+        start = time.perf_counter()
+        result["loaded"] = warm.load(spec["artifacts"])
+        result["load"] = time.perf_counter() - start
+    if spec["mode"] == "reduce-overhead":
+        compiled, calls = torch.compile(unet, mode="reduce-overhead"), 3  # compile, warm up, record: then replays
+    else:
+        options = {"warmup_steps": WARMUP_STEPS, **DISTRI_OPTIONS[spec["mode"]]}
+        compiled, calls = torch.compile(unet, backend="distri", options=options), WARMUP_STEPS + 2  # steady: eager, then capture
+    seconds = []
+    with torch.no_grad():
+        for step in range(calls):
+            start = time.perf_counter()
+            compiled(args[0], args[1] - step, *args[2:], **kwargs)
+            torch.cuda.synchronize() if device.type == "cuda" else None
+            seconds.append(time.perf_counter() - start)
+    if not spec["restart"]:
+        warm.save(spec["artifacts"])
+    from torch._dynamo.utils import compilation_time_metrics, counters
+
+    timer = {name: sum(compilation_time_metrics.get(key, [])) for name, key in INDUCTOR_TIMERS.items()}
+    dynamo = sum(compilation_time_metrics.get("_compile.compile_inner", []))
+    backend = sum(compilation_time_metrics.get("OutputGraph.call_user_compiler", []))
+    result.update(
+        calls=seconds, stages=stage_log.stages, dynamo=dynamo - backend, backend=backend, **timer,
+        cache={k: v for k, v in {**counters["inductor"], **counters["aot_autograd"]}.items() if "cache" in k},
+    )
+    dist.destroy_process_group()
+    return result
+
+
+def measure(spec: dict, timeout: float, log_dir: str) -> dict:
+    name = f"{spec['mode']}-{spec['size']}-{'restart' if spec['restart'] else 'cold'}"
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="inductor-")}
+    command = [sys.executable, __file__, "--worker", json.dumps(spec)]
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as expired:  # keep what it printed: the stages it got through
+        with open(os.path.join(log_dir, f"{name}.log"), "w") as log_file:
+            log_file.write(f"{expired.stdout or ''}{expired.stderr or ''}")
+        return {"error": f"over {timeout:.0f} s"}
+    with open(os.path.join(log_dir, f"{name}.log"), "w") as log_file:
+        log_file.write(done.stdout + done.stderr)
+    results = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode or not results:
+        return {"error": f"exit {done.returncode}: {(done.stderr.strip().splitlines() or [''])[-1][:120]}"}
+    return json.loads(results[-1][len("RESULT "):])
+
+
+def row(mode: str, size: int, kind: str, r: dict) -> list[str]:
+    if "error" in r:
+        return [mode, str(size), kind, r["error"]] + [""] * 8
+    stages = r["stages"]
+    lower = sum(v for k, v in stages.items() if k.startswith("lower")) if stages else r["backend"]
+    phases = " + ".join(f"{v:.1f}" for k, v in stages.items() if k.startswith("lower")) or f"{r['backend']:.1f}"
+    hits = r["cache"].get("fxgraph_cache_hit", 0)
+    misses = r["cache"].get("fxgraph_cache_miss", 0)
+    return [
+        mode, str(size), kind, f"{r['load']:.1f}", f"{r['dynamo']:.1f}", f"{stages.get('plan', 0.0):.1f}",
+        f"{lower:.1f} ({phases})", f"{r['codegen']:.1f}", f"{r['triton wait']:.1f}", f"{r['calls'][0]:.1f}",
+        f"{sum(r['calls']):.1f}", f"{hits}/{hits + misses}",
+    ]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--model", default="sdxl", choices=("sdxl", "tiny"))
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048])
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per measurement")
+    parser.add_argument("--logs", default=os.environ.get("OUT", "."), help="each measurement's output goes here")
+    opts = parser.parse_args()
+    if opts.worker:
+        print("RESULT " + json.dumps(worker(json.loads(opts.worker))), flush=True)
+        return
+    header = ["mode", "size", "process", "load s", "dynamo s", "plan s", "lower s (per phase)", "codegen s",
+              "triton wait s", "1st call s", "1st steady s", "FX cache hits"]
+    rows = []
+    for size in opts.sizes:
+        for mode in opts.modes:
+            artifacts = tempfile.mkdtemp(prefix="artifacts-")
+            for restart in (False, True):
+                spec = dict(mode=mode, size=size, model=opts.model, dtype=opts.dtype, restart=restart,
+                            artifacts=artifacts, port=29600 + len(rows))
+                result = measure(spec, opts.timeout, opts.logs)
+                rows.append(row(mode, size, "restart" if restart else "cold", result))
+                print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"\n{opts.model}, batch 2, {opts.dtype}, {device}, torch {torch.__version__}; seconds")
+    print("| " + " | ".join(header) + " |\n|" + " --- |" * len(header))
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Pre-build the compile caches of a model, to ship them or to restart from them in seconds.
+
+A process compiles each phase of each rank's program through Inductor, whose FX graph and
+AOTAutograd caches keep the result; torch's portable cache artifacts
+(``torch.compiler.save_cache_artifacts``) pack those entries, Triton kernels included, into
+bytes that another machine or a fresh container loads before its first call. Weights are graph
+inputs, not part of any cache key: a model of the same architecture with random weights builds
+the caches of the trained one. The key does hold the model's code and config, the input shapes,
+the options, the rank and world size, the torch version and the GPU.
+
+    python -m districompile.warm --model sdxl --size 2048 --batch 2 --dtype fp16 --out cache/
+    torchrun --nproc-per-node 2 -m districompile.warm --model sdxl --size 2048 --batch 2 --out cache/
+
+writes ``cache/rank{r}-of-{world}.bin`` per rank (the ranks' programs differ). At start-up, each
+rank calls ``districompile.warm.load("cache/")`` after ``init_process_group`` and before its
+first call. For a model of your own, call ``save(directory)`` after its first steady call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+
+def artifact_path(directory, rank: int | None = None, world: int | None = None) -> Path:
+    """This rank's artifact file in ``directory``."""
+    if rank is None:
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    return Path(directory) / f"rank{rank}-of-{world}.bin"
+
+
+def save(directory) -> Path:
+    """Write the cache entries this process compiled (or loaded) to this rank's file in ``directory``."""
+    saved = torch.compiler.save_cache_artifacts()
+    if saved is None:
+        raise RuntimeError("districompile.warm: no cache entries to save: did this process compile its model?")
+    path = artifact_path(directory)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(saved[0])
+    return path
+
+
+def load(directory) -> bool:
+    """Load this rank's cache entries from ``directory`` into the local caches; False (with a
+    warning) when it has none, and the first call compiles from scratch."""
+    path = artifact_path(directory)
+    if not path.exists():
+        log.warning("districompile.warm: no cache artifacts at %s; the first call compiles from scratch", path)
+        return False
+    torch.compiler.load_cache_artifacts(path.read_bytes())
+    return True
+
+
+def _init_process_group(device: torch.device):
+    if "RANK" not in os.environ:  # one process: a group of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29581"))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def main(argv=None):
+    from . import unets
+
+    parser = argparse.ArgumentParser(prog="python -m districompile.warm", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="sdxl", choices=("sdxl", "tiny-sdxl"))
+    parser.add_argument("--size", type=int, default=1024, help="image height and width in pixels")
+    parser.add_argument("--batch", type=int, default=2, help="2: a CFG pair")
+    parser.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
+    parser.add_argument("--options", default="{}", help='the backend options as JSON, e.g. \'{"warmup_steps": 4}\'')
+    parser.add_argument("--out", required=True, help="the directory to write this rank's artifacts to")
+    opts = parser.parse_args(argv)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[opts.dtype]
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    _init_process_group(device)
+    config = {"sdxl": unets.SDXL, "tiny-sdxl": unets.TINY_SDXL}[opts.model]
+    unet, args, kwargs = unets.sdxl_unet(config, opts.size, opts.batch, dtype, device)
+    options = json.loads(opts.options)
+    compiled = torch.compile(unet, backend="distri", options=options)
+    # Through the warm-up phase into the steady one: every phase compiled (and captured, on a GPU).
+    calls = options.get("warmup_steps", 4) + 2
+    start = time.perf_counter()
+    with torch.no_grad():
+        for step in range(calls):
+            compiled(args[0], args[1] - step, *args[2:], **kwargs)
+    path = save(opts.out)
+    if dist.get_rank() == 0:
+        print(f"districompile.warm: {calls} calls in {time.perf_counter() - start:.1f} s; wrote {path} "
+              f"({path.stat().st_size / 2**20:.1f} MiB) and one file per rank", flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
