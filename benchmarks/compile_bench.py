@@ -112,7 +112,8 @@ def measure(spec: dict, timeout: float, log_dir: str) -> dict:
         done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as expired:  # keep what it printed: the stages it got through
         with open(os.path.join(log_dir, f"{name}.log"), "w") as log_file:
-            log_file.write(f"{expired.stdout or ''}{expired.stderr or ''}")
+            for output in (expired.stdout, expired.stderr):  # bytes, whatever text= said
+                log_file.write(output.decode(errors="replace") if isinstance(output, bytes) else output or "")
         return {"error": f"over {timeout:.0f} s"}
     with open(os.path.join(log_dir, f"{name}.log"), "w") as log_file:
         log_file.write(done.stdout + done.stderr)
