@@ -46,3 +46,22 @@ def test_second_process_compiles_every_phase_from_the_caches(tmp_path):
     assert warm["inductor"] == {"fxgraph_cache_hit": PHASES}, warm
     for fresh, loaded in zip(cold["outputs"], warm["outputs"]):
         torch.testing.assert_close(loaded, fresh, rtol=0, atol=0)
+
+
+def test_programs_compile_with_static_shapes(monkeypatch):
+    """The tracing context's shape env is there for the caches' keys only: no input size becomes a
+    symbol (dynamic-shape kernels would be slower, and some programs fail to compile that way)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    from districompile.backends.lowering import compile_program
+    from districompile.config import DistriConfig
+
+    symbols = []
+    create_symbol = ShapeEnv.create_symbol
+    monkeypatch.setattr(ShapeEnv, "create_symbol", lambda self, *a, **k: symbols.append(a) or create_symbol(self, *a, **k))
+    inputs = [torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3), torch.tensor(3)]
+    program = make_fx(lambda x, w, t: ((torch.nn.functional.conv2d(x, w, padding=1) * t).sum(dim=(2, 3)),))(*inputs)
+    compiled = compile_program(program, inputs, DistriConfig())
+    torch.testing.assert_close(compiled(*inputs)[0], program(*inputs)[0])
+    assert symbols == []

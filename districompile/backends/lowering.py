@@ -30,12 +30,13 @@ def compile_program(program: fx.GraphModule, inputs: list, config: DistriConfig)
         return program
     from torch._inductor.compile_fx import compile_fx
 
-    # Static shapes, under a tracing context of our own as Dynamo would give: Inductor keys its FX
-    # graph cache with the context's shape env (none: the cache is bypassed), and AOTAutograd's.
+    # Under a tracing context of our own, as Dynamo would give: Inductor keys its FX graph cache
+    # with the context's shape env (none: the cache is bypassed), and AOTAutograd's. The shapes
+    # stay static (ignore_shape_env): given a shape env, AOTAutograd would make every input size
+    # a symbol. CUDA graphs are ours (one per phase, collectives inside), not Inductor's.
     context = torch._guards.TracingContext(FakeTensorMode(shape_env=ShapeEnv()))
     with torch._guards.tracing(context):
-        # CUDA graphs are ours (one per phase, collectives inside), not Inductor's.
-        return compile_fx(program, list(inputs), config_patches={"triton.cudagraphs": False})
+        return compile_fx(program, list(inputs), config_patches={"triton.cudagraphs": False}, ignore_shape_env=True)
 
 
 def lower(
