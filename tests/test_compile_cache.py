@@ -3,9 +3,11 @@ districompile exchange ops, compiled under a tracing context with a shape env, s
 cache and Inductor's FX graph cache both key them, and a second process loads every phase
 instead of compiling it.
 
-Counted through the caches' own counters, in two fresh processes sharing one cache directory:
-the default displaced mode, its warm-up and steady programs with their exchange ops (kept at
-world 1 with ``single_rank_exchanges``: one process compiles, so the test stays short on a CPU).
+Counted through the caches' own counters, in two fresh processes with empty cache directories of
+their own: the first compiles and saves its portable cache artifacts (``districompile.warm.save``),
+the second loads them (``districompile.warm.load``), as a shipped container would. The default
+displaced mode: its warm-up and steady programs with their exchange ops (kept at world 1 with
+``single_rank_exchanges``: one process compiles, so the test stays short on a CPU).
 """
 
 from __future__ import annotations
@@ -20,15 +22,22 @@ PHASES = 2  # the warm-up and steady programs
 CALLS = 3  # warm-up, then two steady calls (warmup_steps=1)
 
 
-def compile_and_count(rank, world_size, cache_dir):
+def compile_and_count(rank, world_size, cache_dir, artifacts, restart):
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
     from torch._dynamo.utils import counters
+
+    from districompile import warm
+
+    if restart:
+        assert warm.load(artifacts)
 
     model, args, kwargs = micro_unet(batch=2)
     options = {"warmup_steps": 1, "single_rank_exchanges": True}
     compiled = torch.compile(model, backend="distri", options=options)
     with torch.no_grad():
         outputs = [compiled(*args, **kwargs) for _ in range(CALLS)]
+    if not restart:
+        warm.save(artifacts)
     return {
         "outputs": outputs,
         "inductor": {k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache")},
@@ -37,14 +46,14 @@ def compile_and_count(rank, world_size, cache_dir):
 
 
 def test_second_process_compiles_every_phase_from_the_caches(tmp_path):
-    cache_dir = str(tmp_path / "inductor")
-    (cold,) = run_ranks(compile_and_count, 1, cache_dir, timeout=600)
-    (warm,) = run_ranks(compile_and_count, 1, cache_dir, timeout=600)
+    artifacts = str(tmp_path / "artifacts")
+    (cold,) = run_ranks(compile_and_count, 1, str(tmp_path / "cold"), artifacts, False, timeout=600)
+    (restarted,) = run_ranks(compile_and_count, 1, str(tmp_path / "restarted"), artifacts, True, timeout=600)
     assert cold["inductor"] == {"fxgraph_cache_miss": PHASES}, cold
     assert cold["aot"] == {"autograd_cache_miss": PHASES, "autograd_cache_saved": PHASES}, cold
-    assert warm["aot"] == {"autograd_cache_hit": PHASES}, warm
-    assert warm["inductor"] == {"fxgraph_cache_hit": PHASES}, warm
-    for fresh, loaded in zip(cold["outputs"], warm["outputs"]):
+    assert restarted["aot"] == {"autograd_cache_hit": PHASES}, restarted
+    assert restarted["inductor"] == {"fxgraph_cache_hit": PHASES}, restarted
+    for fresh, loaded in zip(cold["outputs"], restarted["outputs"]):
         torch.testing.assert_close(loaded, fresh, rtol=0, atol=0)
 
 
