@@ -109,7 +109,7 @@ def measure(spec: dict, timeout: float, log_dir: str) -> dict:
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="inductor-")}
     command = [sys.executable, __file__, "--worker", json.dumps(spec)]
     try:
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, check=False)
     except subprocess.TimeoutExpired as expired:  # keep what it printed: the stages it got through
         with open(os.path.join(log_dir, f"{name}.log"), "w") as log_file:
             for output in (expired.stdout, expired.stderr):  # bytes, whatever text= said

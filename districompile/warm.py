@@ -78,7 +78,7 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="the directory to write this rank's artifacts to")
     opts = parser.parse_args(argv)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[opts.dtype]
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     _init_process_group(device)
