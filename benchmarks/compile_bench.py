@@ -65,10 +65,8 @@ def worker(spec: dict) -> dict:
     from districompile.unets import SDXL, TINY_SDXL, sdxl_unet
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[spec["dtype"]]
-    os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(spec["port"]))
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    unet, args, kwargs = sdxl_unet({"sdxl": SDXL, "tiny": TINY_SDXL}[spec["model"]], spec["size"], 2, dtype, device)
+    warm.init_process_group(device, spec["port"])
+    unet, args, kwargs = sdxl_unet({"sdxl": SDXL, "tiny": TINY_SDXL}[spec["model"]], spec["size"], 2, warm.DTYPES[spec["dtype"]], device)
     stage_log = StageLog()
     logging.getLogger("districompile").addHandler(stage_log)
     logging.getLogger("districompile").setLevel(logging.INFO)
@@ -87,7 +85,8 @@ def worker(spec: dict) -> dict:
         for step in range(calls):
             start = time.perf_counter()
             compiled(args[0], args[1] - step, *args[2:], **kwargs)
-            torch.cuda.synchronize() if device.type == "cuda" else None
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             seconds.append(time.perf_counter() - start)
     if not spec["restart"]:
         warm.save(spec["artifacts"])

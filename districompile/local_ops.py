@@ -20,9 +20,14 @@ def take_rows(call, x, canonical: list[int], start: int, stop: int, local_shape:
     return call(aten.clone.default, call(aten.reshape.default, rows, local_shape), memory_format=torch.contiguous_format)
 
 
+def _grouped(call, x, local_shape: list[int], groups: int):
+    """``x`` as (sample, group, elements), in float32."""
+    return call(aten._to_copy.default, call(aten.reshape.default, x, [local_shape[0], groups, -1]), dtype=torch.float32)
+
+
 def local_group_stats(call, x, local_shape: list[int], groups: int):
     """Per (sample, group): this rank's element count, mean and sum of squared deviations, in float32."""
-    grouped = call(aten._to_copy.default, call(aten.reshape.default, x, [local_shape[0], groups, -1]), dtype=torch.float32)
+    grouped = _grouped(call, x, local_shape, groups)
     mean = call(aten.mean.dim, grouped, [-1])
     deviation = call(aten.sub.Tensor, grouped, call(aten.unsqueeze.default, mean, -1))
     m2 = call(aten.sum.dim_IntList, call(aten.mul.Tensor, deviation, deviation), [-1])
@@ -47,7 +52,7 @@ def group_norm_from_stats(
     between = call(aten.sum.dim_IntList, call(aten.mul.Tensor, counts, call(aten.mul.Tensor, spread, spread)), [0])
     m2 = call(aten.add.Tensor, call(aten.sum.dim_IntList, m2s, [0]), between)
     rstd = call(aten.rsqrt.default, call(aten.add.Tensor, call(aten.div.Tensor, m2, total), eps))
-    grouped = call(aten._to_copy.default, call(aten.reshape.default, x, [local_shape[0], groups, -1]), dtype=torch.float32)
+    grouped = _grouped(call, x, local_shape, groups)
     centred = call(aten.sub.Tensor, grouped, call(aten.unsqueeze.default, mean, -1))
     normed = call(aten.reshape.default, call(aten.mul.Tensor, centred, call(aten.unsqueeze.default, rstd, -1)), local_shape)
     out = call(aten._to_copy.default, normed, dtype=dtype)

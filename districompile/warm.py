@@ -31,10 +31,12 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 
-def artifact_path(directory, rank: int | None = None, world: int | None = None) -> Path:
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def artifact_path(directory) -> Path:
     """This rank's artifact file in ``directory``."""
-    if rank is None:
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     return Path(directory) / f"rank{rank}-of-{world}.bin"
 
 
@@ -60,9 +62,10 @@ def load(directory) -> bool:
     return True
 
 
-def _init_process_group(device: torch.device):
-    if "RANK" not in os.environ:  # one process: a group of one
-        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29581"))
+def init_process_group(device: torch.device, port: int = 29581):
+    """The process group torchrun describes, else a group of one on ``port``."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", str(port)))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
@@ -73,15 +76,15 @@ def main(argv=None):
     parser.add_argument("--model", default="sdxl", choices=("sdxl", "tiny-sdxl"))
     parser.add_argument("--size", type=int, default=1024, help="image height and width in pixels")
     parser.add_argument("--batch", type=int, default=2, help="2: a CFG pair")
-    parser.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
+    parser.add_argument("--dtype", default="fp16", choices=tuple(DTYPES))
     parser.add_argument("--options", default="{}", help='the backend options as JSON, e.g. \'{"warmup_steps": 4}\'')
     parser.add_argument("--out", required=True, help="the directory to write this rank's artifacts to")
     opts = parser.parse_args(argv)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[opts.dtype]
+    dtype = DTYPES[opts.dtype]
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    _init_process_group(device)
+    init_process_group(device)
     config = {"sdxl": unets.SDXL, "tiny-sdxl": unets.TINY_SDXL}[opts.model]
     unet, args, kwargs = unets.sdxl_unet(config, opts.size, opts.batch, dtype, device)
     options = json.loads(opts.options)
