@@ -25,7 +25,8 @@ import time
 
 import torch
 import torch.distributed as dist
-from unet_bench import build, device_name, output, print_table, sync
+from common import device_name, output, print_table, sync
+from unet_bench import build
 
 import districompile
 from districompile.metrics import psnr, relative_error

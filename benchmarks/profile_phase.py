@@ -19,7 +19,8 @@ import tempfile
 
 import torch
 import torch.distributed as dist
-from unet_bench import build, output
+from common import output
+from unet_bench import build
 
 WARMUP_CALLS = 8  # past the default warm-up (4 calls), its capture and the steady phase's
 

@@ -25,13 +25,9 @@ import json
 import os
 
 import torch
+from common import Case, device_name, print_table, project, record_peak, record_plan, record_time, reset_peak, sync, timed
 
-import districompile
-from districompile.backends.lowering import lower
-from districompile.config import DistriConfig
-from districompile.passes.localize import localize
 from districompile.unets import SDXL_VAE, TINY_VAE
-from unet_bench import device_name, print_table, record_time, sync, timed
 
 MODELS = {"sdxl": SDXL_VAE, "tiny": TINY_VAE}
 MODES = ("plain", "compiled", "tiled", "projected")
@@ -58,9 +54,7 @@ def measure(row: dict, name: str, setup, timing: dict):
     """``row[name ms]`` (and ``name GPU ms``, ``name peak GiB`` on CUDA) of the callable ``setup()``
     returns; "OOM" where the device runs out of memory, in the setup or the calls."""
     device = timing["device"]
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak(device)
     try:
         times = timed(setup(), **timing)
     except Exception as error:
@@ -70,24 +64,18 @@ def measure(row: dict, name: str, setup, timing: dict):
         row[f"{name} ms"] = "OOM"
     else:
         record_time(row, name, times)
-        if cuda:
-            row[f"{name} peak GiB"] = torch.cuda.max_memory_allocated(device) / 2**30
+        record_peak(row, f"{name} peak GiB", device)
     # What the measurement left (a failed one's traceback holds tensors) back to the allocator.
     gc.collect()
-    if cuda:
+    if device.type == "cuda":
         torch.cuda.empty_cache()
 
 
 def projection(vae, latent, world: int, row: dict, opts):
     """The per-rank program of rank 1 (an edge rank with a halo on one side) of the ``world``-rank plan."""
-    torch._dynamo.reset()
-    report = districompile.explain(vae.decode, latent, world_size=world, verbose=False, sync_mode="full_sync")
-    row[f"N={world} MiB/call"] = report.total_bytes / 2**20
-    row[f"N={world} exchanges"] = " ".join(f"{kind}:{report.count(kind)}" for kind in sorted({e.kind for e in report.exchanges}))
-    program = localize(report.plan.program(min(1, world - 1), "projection"))
-    inputs = report.example_inputs
-    run = lower(program, inputs, DistriConfig(lowering=opts.lowering, sync_mode="full_sync"), "projection")
-    return lambda: run(*inputs)
+    run, report = project(Case(vae.decode, (latent,), {}), world, opts.lowering, sync_mode="full_sync")
+    record_plan(row, world, report)
+    return lambda: run(*report.example_inputs)
 
 
 def measure_size(vae, size: int, opts, device, dtype) -> dict:

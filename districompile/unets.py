@@ -1,6 +1,7 @@
 """UNet architectures as ``diffusers.UNet2DConditionModel`` configs: SDXL's, full size or scaled
-down, and a tiny SD-1.5; SDXL's VAE (``diffusers.AutoencoderKL``), full size or tiny; and one small
-trained UNet2DModel.
+down, and a tiny SD-1.5; SDXL's VAE (``diffusers.AutoencoderKL``), full size or tiny; FLUX.1-dev's
+transformer (``diffusers.FluxTransformer2DModel``), full size or tiny; and one small trained
+UNet2DModel.
 
 No weights can be downloaded where districompile's examples, benchmarks and tests run, so they
 build these architectures with random weights. Here are the configs and SDXL's micro-conditioning
@@ -163,3 +164,62 @@ SDXL_VAE = dict(
 )
 # Scaled down for CPU runs: SDXL's VAE layout at widths of 8-16; tiled decode tiles above 32 pixels.
 TINY_VAE = {**SDXL_VAE, "block_out_channels": (8, 16, 16, 16), "layers_per_block": 1, "norm_num_groups": 8, "sample_size": 32}
+
+
+# FLUX.1-dev's transformer (black-forest-labs/FLUX.1-dev's config): 11.9B parameters, 22.2 GiB in
+# bf16. Guidance-distilled: the guidance scale is an input, and a call has no CFG pair (batch 1).
+FLUX_DEV = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+# Scaled down for CPU runs: FLUX.1-dev's layout (double and single blocks, guidance, 3-axis RoPE) at width 32.
+TINY_FLUX = {
+    **FLUX_DEV, "num_layers": 2, "num_single_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2,
+    "joint_attention_dim": 32, "pooled_projection_dim": 16, "axes_dims_rope": (4, 6, 6),
+}
+FLUX_TEXT_TOKENS = 512  # FLUX.1-dev's T5 prompt length (FluxPipeline's max_sequence_length)
+FLUX_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale
+
+
+def flux_transformer(config: dict, size: int, batch: int = 1, dtype=torch.float32, device="cpu"):
+    """A guidance-distilled ``FluxTransformer2DModel`` of ``config`` with random weights and its
+    inputs for ``size`` x ``size`` pixels as FluxPipeline passes them: ``(transformer, args, kwargs,
+    token_grids)``, called ``transformer(*args, **kwargs)``; ``token_grids`` is the backend option
+    that names the packed tokens' grid.
+
+    The latent (``size / 8`` square, 16 channels) packed in 2 x 2 patches: ``(size / 16)**2``
+    tokens of 64 channels; 512 text tokens; the timestep in [0, 1]. The default initialization
+    keeps the activations bounded: FLUX.1-dev's 57 blocks narrowed to 2 heads, in bf16, keep the
+    hidden states' standard deviation at about 0.6 from the first block to the last.
+    """
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    # Built in ``dtype`` on the device: FLUX.1-dev initializes there in seconds, with no float32
+    # copy (44 GiB) on the way.
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            transformer = FluxTransformer2DModel(**config).eval()
+    finally:
+        torch.set_default_dtype(default_dtype)
+    grid = size // 16  # the VAE's 8x, then 2 x 2 latent pixels per token
+    args = (torch.randn(batch, grid * grid, config["in_channels"], device=device, dtype=dtype),)
+    kwargs = {
+        "encoder_hidden_states": torch.randn(batch, FLUX_TEXT_TOKENS, config["joint_attention_dim"], device=device, dtype=dtype),
+        "pooled_projections": torch.randn(batch, config["pooled_projection_dim"], device=device, dtype=dtype),
+        "timestep": torch.full((batch,), 0.5, device=device, dtype=dtype),
+        "img_ids": FluxPipeline._prepare_latent_image_ids(batch, grid, grid, device, dtype),
+        "txt_ids": torch.zeros(FLUX_TEXT_TOKENS, 3, device=device, dtype=dtype),
+        "guidance": torch.full((batch,), FLUX_GUIDANCE, device=device),
+    }
+    return transformer, args, kwargs, {"hidden_states": (grid, grid), "img_ids": (grid, grid)}
