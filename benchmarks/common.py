@@ -169,14 +169,16 @@ def run_eager(row, case: Case, ctx: Context):
 
 
 def compiled_mode(mode: str) -> Mode:
-    """``torch.compile(mode=mode)``, timed as the row's ``mode``."""
+    """``torch.compile(mode=mode)``, timed as the row's ``mode``, with its error against eager
+    (the yardstick for distri's: both compile the same model)."""
 
     def run(row, case: Case, ctx: Context):
         torch._dynamo.reset()
         compiled = torch.compile(case.model, mode=mode)
+        row[f"{mode} rel err"] = relative_error(output(compiled(*case.args, **case.kwargs)), ctx.reference)
         time_mode(row, mode, lambda: compiled(*case.args, **case.kwargs), ctx.timing)
 
-    return Mode(run)
+    return Mode(run, reference=True)
 
 
 def run_distri(row, key: str, case: Case, ctx: Context, **options):
@@ -218,6 +220,9 @@ def record_plan(row, world: int, report):
     """The bytes all ranks exchange per call and the exchanges by kind, of ``report``'s plan."""
     row[f"N={world} MiB/call"] = report.total_bytes / 2**20
     row[f"N={world} exchanges"] = " ".join(f"{kind}:{report.count(kind)}" for kind in sorted({e.kind for e in report.exchanges}))
+    row[f"N={world} fallbacks"] = len(report.fallbacks)
+    for reason in sorted({f"{f.op}: {f.reason}" for f in report.fallbacks}):  # why ops ran on whole tensors
+        print(f"  N={world} fallback {reason}", flush=True)
 
 
 def run_projection(row, world: int, case: Case, ctx: Context):

@@ -15,7 +15,12 @@ import torch.nn.functional as F
 from dist import run_ranks
 from torch import nn
 
+from torch import fx
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
 from districompile.metrics import relative_error
+from districompile.passes.propagate import propagate
+from districompile.sharding import RowSplit, Shard
 
 TOLERANCE = 1e-4
 # Batches of 2 at even worlds would be split between two halves of the ranks (split_batch):
@@ -473,3 +478,20 @@ def test_full_sync_matches_single_process_eager(results_by_world, world, name):
 @pytest.mark.parametrize("world, name", [pytest.param(w, n, id=f"world{w}-{n}") for w in NAIVE_WORLDS for n in NAIVE_CASES])
 def test_naive_patch_matches_module_run_on_each_patch(results_by_world, world, name):
     _check(results_by_world, world, ("naive_patch", name))
+
+
+@pytest.mark.parametrize("lead", [0, 3], ids=["tokens", "joint_sequence"])
+def test_fused_rms_norm_is_local(lead):
+    """CUDA captures RMSNorm (every Flux and SD3 attention's) as ``_fused_rms_norm``; a CPU capture
+    decomposes it, so the rule is checked on a graph that calls it: local along split tokens,
+    joint sequences (``lead`` replicated text tokens first) included, no fallback gather."""
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    graph.output(graph.call_function(torch.ops.aten._fused_rms_norm.default, (x, [8], None, 1e-6)))
+    gm = fx.GraphModule(torch.nn.Module(), graph)
+    FakeTensorProp(gm).propagate(torch.randn(2, lead + 12, 8))
+    spec = Shard(1, RowSplit((0, 7, 12)), lead=lead)  # 12 tokens, 7 and 5 per rank
+    propagation = propagate(gm, {x: spec}, world=2)
+    assert propagation.fallbacks == []
+    (norm,) = [n for n in gm.graph.nodes if n.op == "call_function"]
+    assert propagation.specs[norm] == (spec, spec)

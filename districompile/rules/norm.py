@@ -46,10 +46,14 @@ def group_norm(ctx, node):
     return Decision(out, emit=emit, exchanges=[exchange])
 
 
-@register(aten.native_layer_norm, flanks=True)
+# RMSNorm captures to _fused_rms_norm on CUDA (torch >= 2.8: diffusers' RMSNorm in every Flux and
+# SD3 attention), to its decomposition on CPU.
+@register(aten.native_layer_norm, aten._fused_rms_norm, flanks=True)
 def layer_norm(ctx, node):
+    """Normalized over the trailing ``normalized_shape`` dims: local when the split is outside them.
+    Outputs: the result and its statistics (kept dims), all split alike."""
     x, normalized_shape = node.args[:2]
     spec = ctx.spec(x)
     if spec.dim >= len(ctx.shape(x)) - len(normalized_shape):
         return None
-    return Decision((spec, spec, spec))
+    return Decision(tuple(spec for _ in node.meta["val"]))
