@@ -23,15 +23,7 @@ import torch
 import torch.utils._pytree as pytree
 from checks import dynamo_graph, graph_caller
 from dist import world_fixtures
-from models import (
-    adm_unet,
-    as_tensor,
-    tiny_controlnet,
-    tiny_if_unet,
-    tiny_kandinsky_unet,
-    tiny_svd_unet,
-    tiny_unet3d,
-)
+from models import adm_unet, as_tensor, tiny_controlnet, tiny_if_unet, tiny_kandinsky_unet, tiny_svd_unet, tiny_unet3d
 
 import districompile
 from districompile import DistriCompileError
