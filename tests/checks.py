@@ -37,7 +37,8 @@ def graph_caller(gm, inputs, args, kwargs, options):
     ``dynamo_graph(model, args, kwargs)``) compiled by the distri backend with ``options``, called
     with arguments shaped like ``(args, kwargs)``, whose tensors replace the ones they stand for
     among the graph's inputs. One trace then serves several configurations (Dynamo traces a
-    diffusers UNet in seconds to tens of seconds on a CPU). Returns the graph's first output."""
+    diffusers UNet in seconds to tens of seconds on a CPU). Returns the graph's first output; the
+    callable's ``runtime`` is the backend's runtime."""
     from districompile.backends.distri import distri_backend
 
     example = pytree.tree_leaves((args, kwargs))
@@ -54,4 +55,5 @@ def graph_caller(gm, inputs, args, kwargs, options):
                 feed[positions[j]] = leaf
         return runtime(*feed)[0]
 
+    call.runtime = runtime
     return call

@@ -90,35 +90,45 @@ def micro_sd_unet(height=8, width=8, batch=1):
     return model, args, {}
 
 
+# SDXL's layout at its smallest: two levels (a downsampling and an upsampling convolution), the
+# second with transformer blocks (linear projections, SDPA self-attention, cross-attention),
+# text_time conditioning; no mid block. A third of the tiny SDXL UNet's nodes.
+MICRO_SDXL = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (8, 16),
+    "layers_per_block": 1,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "mid_block_type": None,
+    "transformer_layers_per_block": 1,
+    "attention_head_dim": (2, 4),
+    "use_linear_projection": True,
+    "cross_attention_dim": 16,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 4,
+    "projection_class_embeddings_input_dim": 6 * 4 + 8,
+    "norm_num_groups": 4,
+}
+
+
 def micro_sdxl_unet(height=16, width=8, batch=1):
-    """SDXL's layout at its smallest: two levels (a downsampling and an upsampling convolution),
-    the second with transformer blocks (linear projections, SDPA self-attention, cross-attention),
-    text_time conditioning; no mid block. A third of the tiny SDXL UNet's nodes, so that a spawn
-    can run every mode and batch configuration of it."""
+    """A UNet2DConditionModel of ``MICRO_SDXL``, for the tests that run many configurations of one."""
     from diffusers import UNet2DConditionModel
 
-    time_embed_dim, text_dim, pooled = 4, 16, 8
     with _seeded():
-        model = UNet2DConditionModel(
-            sample_size=(height, width),
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=(8, 16),
-            layers_per_block=1,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            mid_block_type=None,
-            transformer_layers_per_block=1,
-            attention_head_dim=(2, 4),
-            use_linear_projection=True,
-            cross_attention_dim=text_dim,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=time_embed_dim,
-            projection_class_embeddings_input_dim=6 * time_embed_dim + pooled,
-            norm_num_groups=4,
-        ).eval()
-        args = (torch.randn(batch, 4, height, width), torch.tensor(500), torch.randn(batch, 7, text_dim))
-        kwargs = {"added_cond_kwargs": {"text_embeds": torch.randn(batch, pooled), "time_ids": sdxl_time_ids(batch, height, width)}}
+        model = UNet2DConditionModel(sample_size=(height, width), **MICRO_SDXL).eval()
+        args = (
+            torch.randn(batch, 4, height, width),
+            torch.tensor(500),
+            torch.randn(batch, 7, MICRO_SDXL["cross_attention_dim"]),
+        )
+        kwargs = {
+            "added_cond_kwargs": {
+                "text_embeds": torch.randn(batch, pooled_dim(MICRO_SDXL)),
+                "time_ids": sdxl_time_ids(batch, height, width),
+            }
+        }
     return model, args, kwargs
 
 
