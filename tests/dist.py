@@ -23,7 +23,7 @@ def run_ranks(fn, world_size, *args, timeout=120.0):
     than left blocked in a collective.
     """
     port = _free_port()
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     with tempfile.TemporaryDirectory() as out_dir:
         procs = [
             ctx.Process(
@@ -63,6 +63,32 @@ def world_fixtures(fn, timeout: float):
         return request.param, request.getfixturevalue(f"world{request.param}")
 
     return world2, world3, ranks
+
+
+# What the fork server imports once for every rank (``_context``): site packages only, which resolve
+# alike from any directory (the server ignores the parent's sys.path; districompile and the test
+# modules are imported by each rank, from the parent's path). A module missing here is skipped.
+RANK_IMPORTS = [
+    "torch",
+    "torch.distributed",
+    "torch._dynamo",
+    "torch._inductor.compile_fx",  # Inductor's caches read their directory when used, not on import
+    "diffusers.models.unets",
+    "diffusers.models.autoencoders",
+    "diffusers.models.controlnets",
+    "diffusers.models.transformers",
+]
+
+
+def _context():
+    """Ranks are forked from a fork server: a fresh process (no CUDA, no thread pool yet) that
+    imported ``RANK_IMPORTS`` once. Each rank is then prepared like a spawned one (the parent's
+    ``sys.path``; its function unpickled by reference, importing its test module) but starts with
+    torch, Dynamo, Inductor and diffusers' models loaded: some 8 seconds a rank less, over some
+    seventy ranks in the suite."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(RANK_IMPORTS)
+    return ctx
 
 
 def _rank_main(fn, rank, world_size, port, out_dir, timeout, args):

@@ -67,8 +67,9 @@ def tiny_sdxl_unet(height=32, width=32, batch=1):
 
 
 def micro_sd_unet(height=8, width=8, batch=1):
-    """The smallest UNet2DConditionModel: one level (ResNet, transformer block, no resampling), for
-    the Inductor cases, which compile every kernel on a CPU."""
+    """The smallest UNet2DConditionModel: one level (a ResNet and a transformer block: GroupNorm,
+    self-attention through SDPA, cross-attention, GEGLU; then two ResNets up), no mid block, no
+    resampling, for the Inductor cases, which compile every kernel on a CPU (seconds each)."""
     from diffusers import UNet2DConditionModel
 
     with _seeded():
@@ -79,13 +80,56 @@ def micro_sd_unet(height=8, width=8, batch=1):
             block_out_channels=(16,),
             layers_per_block=1,
             down_block_types=("CrossAttnDownBlock2D",),
-            up_block_types=("CrossAttnUpBlock2D",),
+            up_block_types=("UpBlock2D",),
+            mid_block_type=None,
             cross_attention_dim=16,
             attention_head_dim=8,
             norm_num_groups=4,
         ).eval()
         args = (torch.randn(batch, 4, height, width), torch.tensor(500), torch.randn(batch, 5, 16))
     return model, args, {}
+
+
+# SDXL's layout at its smallest: two levels (a downsampling and an upsampling convolution), the
+# second with transformer blocks (linear projections, SDPA self-attention, cross-attention),
+# text_time conditioning; no mid block. A third of the tiny SDXL UNet's nodes.
+MICRO_SDXL = {
+    "in_channels": 4,
+    "out_channels": 4,
+    "block_out_channels": (8, 16),
+    "layers_per_block": 1,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "mid_block_type": None,
+    "transformer_layers_per_block": 1,
+    "attention_head_dim": (2, 4),
+    "use_linear_projection": True,
+    "cross_attention_dim": 16,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 4,
+    "projection_class_embeddings_input_dim": 6 * 4 + 8,
+    "norm_num_groups": 4,
+}
+
+
+def micro_sdxl_unet(height=16, width=8, batch=1):
+    """A UNet2DConditionModel of ``MICRO_SDXL``, for the tests that run many configurations of one."""
+    from diffusers import UNet2DConditionModel
+
+    with _seeded():
+        model = UNet2DConditionModel(sample_size=(height, width), **MICRO_SDXL).eval()
+        args = (
+            torch.randn(batch, 4, height, width),
+            torch.tensor(500),
+            torch.randn(batch, 7, MICRO_SDXL["cross_attention_dim"]),
+        )
+        kwargs = {
+            "added_cond_kwargs": {
+                "text_embeds": torch.randn(batch, pooled_dim(MICRO_SDXL)),
+                "time_ids": sdxl_time_ids(batch, height, width),
+            }
+        }
+    return model, args, kwargs
 
 
 def tiny_unet2d(height=32, width=32, batch=1):
@@ -128,16 +172,18 @@ def tiny_controlnet(height=32, width=32, batch=1):
 
 
 def tiny_unet3d(height=16, width=16, batch=1, frames=3):
-    """A video UNet: samples (B, C, frames, H, W), temporal convolutions and attention."""
+    """A video UNet: samples (B, C, frames, H, W), temporal convolutions and attention. One level
+    (frames fold into the batch: its resampling would be 2-d), the spatial and temporal transformers
+    in the mid block."""
     from diffusers import UNet3DConditionModel
 
     with _seeded():
         model = UNet3DConditionModel(
             sample_size=(height, width),
-            block_out_channels=(32, 64),
+            block_out_channels=(32,),
             layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-            up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+            down_block_types=("DownBlock3D",),
+            up_block_types=("UpBlock3D",),
             cross_attention_dim=32,
             attention_head_dim=8,
             norm_num_groups=8,
@@ -147,7 +193,8 @@ def tiny_unet3d(height=16, width=16, batch=1, frames=3):
 
 
 def tiny_svd_unet(height=16, width=16, batch=1, frames=3):
-    """Stable Video Diffusion's UNet: samples (B, frames, C, H, W), image embeddings, added time ids."""
+    """Stable Video Diffusion's UNet: samples (B, frames, C, H, W), image embeddings, added time ids.
+    One level, the spatio-temporal transformer in the mid block."""
     from diffusers import UNetSpatioTemporalConditionModel
 
     with _seeded():
@@ -155,12 +202,12 @@ def tiny_svd_unet(height=16, width=16, batch=1, frames=3):
             sample_size=(height, width),
             in_channels=8,
             out_channels=4,
-            block_out_channels=(32, 64),
+            block_out_channels=(32,),
             layers_per_block=1,
-            down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
-            up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+            down_block_types=("DownBlockSpatioTemporal",),
+            up_block_types=("UpBlockSpatioTemporal",),
             cross_attention_dim=32,
-            num_attention_heads=(2, 4),
+            num_attention_heads=(2,),
             addition_time_embed_dim=8,
             projection_class_embeddings_input_dim=24,
             num_frames=frames,

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from checks import dynamo_graph, exchanges
 from dist import run_ranks
-from models import as_tensor, hand_unet_a, hand_unet_b, tiny_sd15_unet, tiny_sdxl_unet
+from models import as_tensor, hand_unet_a, hand_unet_b, micro_sdxl_unet, tiny_sd15_unet
 from torch import nn
 
 import districompile
@@ -77,7 +77,7 @@ def _run_world2(rank, world_size):
     logging.getLogger("districompile.batch_split").addHandler(handler)
     logging.getLogger("districompile.batch_split").setLevel(logging.INFO)
 
-    results = {"sdxl": compare_split(*tiny_sdxl_unet(batch=2), **FULL_SYNC)}
+    results = {"sdxl": compare_split(*micro_sdxl_unet(batch=2), **FULL_SYNC)}
     model, args, kwargs = hand_unet_a(batch=1)
     with torch.no_grad():
         out, trajectory = run_backend(*dynamo_graph(model, args, kwargs), **FULL_SYNC)

@@ -69,7 +69,11 @@ def test_programs_compile_with_static_shapes(monkeypatch):
     symbols = []
     create_symbol = ShapeEnv.create_symbol
     monkeypatch.setattr(ShapeEnv, "create_symbol", lambda self, *a, **k: symbols.append(a) or create_symbol(self, *a, **k))
-    inputs = [torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3), torch.tensor(3)]
+    # Seeded: drawn from the global generator, the inputs depended on which tests ran before, and about
+    # one draw in 40 put Inductor's convolution (another summation order) just past assert_close's
+    # default float32 tolerance.
+    generator = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(2, 3, 8, 8, generator=generator), torch.randn(4, 3, 3, 3, generator=generator), torch.tensor(3)]
     program = make_fx(lambda x, w, t: ((torch.nn.functional.conv2d(x, w, padding=1) * t).sum(dim=(2, 3)),))(*inputs)
     compiled = compile_program(program, inputs, DistriConfig())
     torch.testing.assert_close(compiled(*inputs)[0], program(*inputs)[0])

@@ -22,7 +22,7 @@ import time
 import pytest
 import torch
 from dist import run_ranks
-from models import MicroUNet, as_tensor, micro_unet, tiny_sd15_unet
+from models import MicroUNet, as_tensor, micro_sd_unet, micro_unet
 
 import districompile
 from districompile import DistriCompileError
@@ -90,7 +90,7 @@ def _agreeing(rank, world):
         out["inductor_b_alone"] = denoise(unet, x_b, LOW_STEPS)
 
         # Per-sample timesteps: the sample continues A's, only the timesteps rise.
-        model, unet, (x, _, context) = compiled(lambda: tiny_sd15_unet(batch=3))
+        model, unet, (x, _, context) = compiled(lambda: micro_sd_unet(batch=3))  # the smallest diffusers UNet
         end_of_a = denoise(unet, x, A_STEPS, context)
         out["sd_restart"] = denoise(unet, end_of_a, A_STEPS, context)
         districompile.reset(model)
@@ -210,15 +210,28 @@ def _failing(rank, world, how):
             if rank == 0 and call == FAIL_AT:
                 if how == "exits":
                     return {"exited": True}  # the process ends: its connections close
-                if how == "stops":
-                    time.sleep(2 * TIMEOUT)  # alive, but not calling
+                if how == "stops":  # alive, but not calling, until the others have had their errors
+                    wait_for_the_others(world, deadline=2 * TIMEOUT)
                     return {"stopped": True}
                 if how == "fails":  # its first exchange of the call raises
                     torch.distributed.batch_isend_irecv = injected_fault
             start = time.monotonic()
             out[call] = error_text(lambda: unet(x, t))
             out[call, "seconds"] = time.monotonic() - start
+    if how == "stops":
+        torch.distributed.distributed_c10d._get_default_store().add(FINISHED, 1)
     return out
+
+
+FINISHED = "test_contract: ranks finished"
+
+
+def wait_for_the_others(world, deadline):
+    """Sleep until the other ranks have counted themselves finished in the job's store (rank 0
+    serves it), at most ``deadline`` seconds: no longer than their errors take."""
+    store, start = torch.distributed.distributed_c10d._get_default_store(), time.monotonic()
+    while store.add(FINISHED, 0) < world - 1 and time.monotonic() - start < deadline:
+        time.sleep(0.1)
 
 
 @pytest.mark.parametrize("world", [2, 3])

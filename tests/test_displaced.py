@@ -3,13 +3,14 @@
 A trajectory is a short denoising loop ``x <- x - 0.1 * eps(x, t)`` over falling timesteps on
 the tiny SD-1.5-like UNet. Compiling the UNet costs seconds, so ONE spawn compiles each
 configuration once, runs every trajectory the tests need and returns the outputs and a summary
-of the programs; the tests check them.
+of the programs; the tests check them. The default mode runs through ``torch.compile`` (its
+trajectories restart with the model); the other configurations compile one Dynamo trace.
 """
 
 
 import pytest
 import torch
-from checks import exchanges
+from checks import dynamo_graph, exchanges, graph_caller
 from dist import run_ranks
 from models import as_tensor, tiny_sd15_unet
 
@@ -46,8 +47,7 @@ def ordering(program) -> list[tuple]:
     return rows
 
 
-def program_summary(model) -> dict:
-    (runtime,) = districompile.runtimes(model)  # the UNet is one Dynamo graph
+def program_summary(runtime) -> dict:
     (trajectory,) = runtime.trajectories.values()  # one input shape
     programs = trajectory.programs
     summary = {"compilations": runtime.compilations, "buffers": len(trajectory.buffers)}
@@ -60,24 +60,26 @@ def program_summary(model) -> dict:
 
 def _run(rank, world_size):
     """Every trajectory of the tests, on each rank: ``{name: final latent}`` and program summaries."""
-    eager, (x_a, _, context), _ = tiny_sd15_unet()
+    eager, args, kwargs = tiny_sd15_unet()
+    x_a, _, context = args
     x_b = torch.randn(x_a.shape, generator=torch.Generator().manual_seed(1))
 
-    models = []  # kept alive: runtimes() matches parameters by id, and a dead model's ids get reused
+    gm, inputs = dynamo_graph(eager, args, kwargs)
 
-    def compile_fresh(**options):
-        # A model per configuration: runtimes(model) then finds that configuration's runtime only.
-        torch._dynamo.reset()  # clear of Dynamo's recompile limit (the same forward each time)
-        model, _, _ = tiny_sd15_unet()
-        models.append(model)
-        return model, torch.compile(model, backend="distri", options={"lowering": "eager", **options})
+    def traced(**options):
+        """A configuration of its own: Dynamo's graph of the UNet, compiled by the backend."""
+        return graph_caller(gm, inputs, args, kwargs, {"lowering": "eager", **options})
+
+    # The default mode (corrected_async_gn, warmup_steps=4) through torch.compile, on a model of its
+    # own: runtimes(model) finds its runtime, reset(model) restarts it.
+    model, _, _ = tiny_sd15_unet()
+    unet = torch.compile(model, backend="distri", options={"lowering": "eager"})
 
     out, programs = {}, {}
     with torch.no_grad():
         out["exact_warmup"] = trajectory(eager, x_a, context, TIMESTEPS[:WARMUP])
         out["exact"] = trajectory(eager, out["exact_warmup"], context, TIMESTEPS[WARMUP:])
 
-        model, unet = compile_fresh()  # corrected_async_gn, warmup_steps=4
         out["b_alone"] = trajectory(unet, x_b, context, LATER)
         out["corrected_async_gn"] = trajectory(unet, x_a, context, TIMESTEPS)  # timestep went up: restart
         districompile.reset(model)
@@ -87,22 +89,23 @@ def _run(rank, world_size):
         out["b_after_jump"] = trajectory(unet, x_b, context, LATER)  # B's noise is no step from A's sample: restart
         districompile.reset(model)
         out["warmup_only"] = trajectory(unet, x_a, context, TIMESTEPS[:WARMUP])
-        programs["corrected_async_gn"] = program_summary(model)
+        (runtime,) = districompile.runtimes(model)  # the UNet is one Dynamo graph
+        programs["corrected_async_gn"] = program_summary(runtime)
 
-        model, unet = compile_fresh(sync_mode="full_sync")
+        unet = traced(sync_mode="full_sync")
         out["full_sync_warmup"] = trajectory(unet, x_a, context, TIMESTEPS[:WARMUP])
         out["full_sync"] = trajectory(unet, out["full_sync_warmup"], context, TIMESTEPS[WARMUP:])
-        programs["full_sync"] = program_summary(model)
+        programs["full_sync"] = program_summary(unet.runtime)
 
         # The seam baseline over the steps that the default mode runs displaced, from the same
         # (exact) latent: both then differ from single-device only in how the seams are handled.
-        model, unet = compile_fresh(parallelism="naive_patch")
+        unet = traced(parallelism="naive_patch")
         out["naive_patch_steady"] = trajectory(unet, out["exact_warmup"], context, TIMESTEPS[WARMUP:])
 
         for mode in ("stale_gn", "separate_gn", "no_sync"):
-            model, unet = compile_fresh(sync_mode=mode, warmup_steps=1)
+            unet = traced(sync_mode=mode, warmup_steps=1)
             out[mode] = trajectory(unet, x_a, context, TIMESTEPS)
-            programs[mode] = program_summary(model)
+            programs[mode] = program_summary(unet.runtime)
     return out, programs
 
 

@@ -16,10 +16,12 @@ with no spatial input unsplit, the one whose inputs are skips at two resolutions
 One spawn per world runs every family; the tests check what it returns.
 """
 
+import functools
+
 import pytest
 import torch
 import torch.utils._pytree as pytree
-from checks import dynamo_graph
+from checks import dynamo_graph, graph_caller
 from dist import world_fixtures
 from models import adm_unet, as_tensor, tiny_controlnet, tiny_if_unet, tiny_kandinsky_unet, tiny_svd_unet, tiny_unet3d
 
@@ -87,9 +89,8 @@ def max_error(output, reference) -> float:
     return max(relative_error(a, b) for a, b in zip(leaves(output), leaves(reference)))
 
 
-def trajectory(model, args, kwargs, reset=lambda: None) -> torch.Tensor:
+def trajectory(model, args, kwargs) -> torch.Tensor:
     """A short denoising loop over falling timesteps: ``x <- x - 0.1 * eps(x, t)``."""
-    reset()
     x, timestep, *rest = args
     for t in TIMESTEPS:
         eps = as_tensor(model(x, torch.full_like(timestep, t), *rest, **kwargs))
@@ -106,7 +107,10 @@ def _run(rank, world):
     with torch.no_grad():
         for name, factory in FAMILIES.items():
             model, args, kwargs = factory()
+            if name == "controlnet_residuals":
+                named_case = model, args, kwargs
             reference = model(*args, **kwargs)
+            # One Dynamo trace per family serves full_sync and both trajectories.
             gm, inputs = dynamo_graph(model, args, kwargs)
             output = distri_backend(gm, inputs, {"sync_mode": "full_sync", "lowering": "eager"})(*inputs)
             errors[name] = max_error(output, reference)
@@ -114,14 +118,13 @@ def _run(rank, world):
                 exact = trajectory(model, args, kwargs)
                 quality[name] = {"exact": exact}
                 for mode, options in (("displaced", {}), ("naive_patch", {"parallelism": "naive_patch"})):
-                    torch._dynamo.reset()
-                    compiled = torch.compile(model, backend="distri", options={"lowering": "eager", "warmup_steps": 1, **options})
+                    compiled = graph_caller(gm, inputs, args, kwargs, {"lowering": "eager", "warmup_steps": 1, **options})
                     try:
-                        quality[name][mode] = trajectory(compiled, args, kwargs, lambda: districompile.reset(model))
+                        quality[name][mode] = trajectory(compiled, args, kwargs)
                     except DistriCompileError as error:
                         quality[name][mode] = str(error)
         # Named by the model's own signature, through torch.compile: only the sample is split.
-        model, args, kwargs = controlnet_residuals()
+        model, args, kwargs = named_case
         torch._dynamo.reset()
         named = torch.compile(model, backend="distri", options={"sync_mode": "full_sync", "lowering": "eager", "spatial_inputs": ("sample",)})
         errors["named"] = max_error(named(*args, **kwargs), model(*args, **kwargs))
@@ -155,10 +158,16 @@ def test_graph_with_no_spatial_input_runs_unsplit(ranks):
         assert quality["graph_breaks"] == ["synchronous", "synchronous", "unsplit"]
 
 
+@functools.cache
+def family_report(name):
+    """``explain`` of a family at world 2 (a batch of 1: no batch split), shared by the tests that read it."""
+    model, args, kwargs = FAMILIES[name]()
+    return districompile.explain(model, *args, world_size=2, verbose=False, split_batch=False, **kwargs)
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_plan_has_no_fallback(name):
-    model, args, kwargs = FAMILIES[name]()
-    report = districompile.explain(model, *args, world_size=2, verbose=False, split_batch=False, **kwargs)
+    report = family_report(name)
     assert report.fallbacks == [], [f.node for f in report.fallbacks]
     assert report.count("halo") and report.count("stats_allgather")
 
@@ -189,29 +198,25 @@ def test_adm_conv1d_on_half_the_batch_is_local():
 
 def test_residuals_and_conditioning_image_split_at_their_own_resolution():
     """A residual at half the latent's rows gets half the rows of each rank; the image, 8x as many."""
-    model, args, kwargs = controlnet_residuals()
-    report = districompile.explain(model, *args, world_size=2, verbose=False, **kwargs)
+    report = family_report("controlnet_residuals")
     specs = {node.name: spec for node, spec in report.plan.propagation.specs.items() if node.op == "placeholder"}
     heights = {tuple(s.split.bounds) for s in specs.values() if hasattr(s, "split")}
     assert {(0, 16, 32), (0, 8, 16)} <= heights
-    model, args, kwargs = controlnet_model()
-    report = districompile.explain(model, *args, world_size=2, verbose=False, **kwargs)
+    report = family_report("controlnet")
     heights = {tuple(s.split.bounds) for n, s in report.plan.propagation.specs.items() if n.op == "placeholder" and hasattr(s, "split")}
     assert heights == {(0, 16, 32), (0, 128, 256)}
 
 
 def test_video_samples_split_their_rows_not_their_frames():
-    for factory, rows_dim in ((tiny_unet3d, 3), (tiny_svd_unet, 3)):
-        model, args, kwargs = factory()
-        report = districompile.explain(model, *args, world_size=2, verbose=False, **kwargs)
+    for name, rows_dim in (("unet3d", 3), ("svd", 3)):
+        report = family_report(name)
         (sample,) = [s for n, s in report.plan.propagation.specs.items() if n.op == "placeholder" and hasattr(s, "split")]
         assert sample.dim == rows_dim and report.row_bounds == (0, 8, 16)
 
 
 def test_added_kv_attention_gathers_keys_like_self_attention():
     # The text's K/V joined with the image's: one K/V gather each (displaceable), not a fallback.
-    model, args, kwargs = tiny_kandinsky_unet()
-    report = districompile.explain(model, *args, world_size=2, verbose=False, **kwargs)
+    report = family_report("kandinsky_like")
     assert report.count("kv_gather") == 8 and report.count("gather") == 0
 
 

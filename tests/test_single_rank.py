@@ -11,7 +11,7 @@ import re
 import torch
 from checks import exchanges
 from dist import run_ranks
-from models import as_tensor, tiny_sdxl_unet
+from models import as_tensor, micro_sdxl_unet
 
 import districompile
 from districompile.metrics import relative_error
@@ -32,7 +32,7 @@ def _run(rank, world_size):
     runtime_log, messages = logging.getLogger("districompile.runtime"), Messages()
     runtime_log.setLevel(logging.INFO)
     runtime_log.addHandler(messages)
-    model, (x, _, context), kwargs = tiny_sdxl_unet()
+    model, (x, _, context), kwargs = micro_sdxl_unet()
     with torch.no_grad():
         expected = [as_tensor(model(x, torch.tensor(t), context, **kwargs)) for t in TIMESTEPS]
         results = {}
@@ -70,7 +70,7 @@ def test_single_rank_exchanges():
 
 
 def test_explain_plans_single_rank_exchanges():
-    model, args, kwargs = tiny_sdxl_unet()
+    model, args, kwargs = micro_sdxl_unet()
     kinds = {
         keep: {e.kind for e in districompile.explain(model, *args, world_size=1, verbose=False, single_rank_exchanges=keep, **kwargs).exchanges}
         for keep in (False, True)
