@@ -48,18 +48,23 @@ def tiny_sd15_unet(height=32, width=32, batch=1):
 
 
 def tiny_sdxl_unet(height=32, width=32, batch=1):
+    return _sdxl_layout_unet(TINY_SDXL, height, width, batch)
+
+
+def _sdxl_layout_unet(config: dict, height: int, width: int, batch: int):
+    """A seeded UNet2DConditionModel of an SDXL-layout ``config`` and its inputs (text_time conditioning)."""
     from diffusers import UNet2DConditionModel
 
     with _seeded():
-        model = UNet2DConditionModel(sample_size=(height, width), **TINY_SDXL).eval()
+        model = UNet2DConditionModel(sample_size=(height, width), **config).eval()
         args = (
             torch.randn(batch, 4, height, width),
             torch.tensor(500),
-            torch.randn(batch, 7, TINY_SDXL["cross_attention_dim"]),
+            torch.randn(batch, 7, config["cross_attention_dim"]),
         )
         kwargs = {
             "added_cond_kwargs": {
-                "text_embeds": torch.randn(batch, pooled_dim(TINY_SDXL)),
+                "text_embeds": torch.randn(batch, pooled_dim(config)),
                 "time_ids": sdxl_time_ids(batch, height, width),
             }
         }
@@ -114,22 +119,7 @@ MICRO_SDXL = {
 
 def micro_sdxl_unet(height=16, width=8, batch=1):
     """A UNet2DConditionModel of ``MICRO_SDXL``, for the tests that run many configurations of one."""
-    from diffusers import UNet2DConditionModel
-
-    with _seeded():
-        model = UNet2DConditionModel(sample_size=(height, width), **MICRO_SDXL).eval()
-        args = (
-            torch.randn(batch, 4, height, width),
-            torch.tensor(500),
-            torch.randn(batch, 7, MICRO_SDXL["cross_attention_dim"]),
-        )
-        kwargs = {
-            "added_cond_kwargs": {
-                "text_embeds": torch.randn(batch, pooled_dim(MICRO_SDXL)),
-                "time_ids": sdxl_time_ids(batch, height, width),
-            }
-        }
-    return model, args, kwargs
+    return _sdxl_layout_unet(MICRO_SDXL, height, width, batch)
 
 
 def tiny_unet2d(height=32, width=32, batch=1):
