@@ -10,7 +10,8 @@ the phase that runs from then on) and split the first call into stages:
 - ``plan``: districompile's capture to ATen and its passes;
 - ``lower``: compiling each phase (AOTAutograd and Inductor: ``inductor`` for reduce-overhead,
   which compiles inside the backend call), with Inductor's codegen and the wait for Triton's
-  compile workers shown apart;
+  compile workers shown apart; ``wait``: for the worker process compiling the steady phase
+  meanwhile (``compile_workers``; its codegen is not in this process's ``codegen``);
 - ``first steady``: seconds from the start to the end of the first steady call, CUDA graph
   captures included.
 
@@ -52,9 +53,9 @@ class StageLog(logging.Handler):
         self.stages: dict[str, float] = {}
 
     def emit(self, record):
-        found = re.search(r"(planning|lowering the (\S+) phase).* took ([\d.]+) s", record.getMessage())
+        found = re.search(r"(planning|lowering the (\S+) phase|waiting for the worker).* took ([\d.]+) s", record.getMessage())
         if found:
-            name = "plan" if found[1] == "planning" else f"lower {found[2]}"
+            name = {"planning": "plan", "waiting for the worker": "lower wait"}.get(found[1], f"lower {found[2]}")
             self.stages[name] = self.stages.get(name, 0.0) + float(found[3])
 
 
@@ -127,7 +128,9 @@ def row(mode: str, size: int, kind: str, r: dict) -> list[str]:
         return [mode, str(size), kind, r["error"]] + [""] * 8
     stages = r["stages"]
     lower = sum(v for k, v in stages.items() if k.startswith("lower")) if stages else r["backend"]
-    phases = " + ".join(f"{v:.1f}" for k, v in stages.items() if k.startswith("lower")) or f"{r['backend']:.1f}"
+    # In the order they ran; "wait": for the compile worker of the next phase.
+    phases = " + ".join(f"{k.removeprefix('lower ')} {v:.1f}" for k, v in stages.items() if k.startswith("lower"))
+    phases = phases or f"{r['backend']:.1f}"
     hits = r["cache"].get("fxgraph_cache_hit", 0)
     misses = r["cache"].get("fxgraph_cache_miss", 0)
     return [
@@ -145,6 +148,8 @@ def main():
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per measurement")
+    parser.add_argument("--artifacts", help="keep each mode and size's cache artifacts in a folder here "
+                        "(MODE-SIZE), e.g. for profile_phase.py --load-artifacts")
     parser.add_argument("--logs", default=os.environ.get("OUT", "."), help="each measurement's output goes here")
     opts = parser.parse_args()
     if opts.worker:
@@ -155,7 +160,7 @@ def main():
     rows = []
     for size in opts.sizes:
         for mode in opts.modes:
-            artifacts = tempfile.mkdtemp(prefix="artifacts-")
+            artifacts = os.path.join(opts.artifacts, f"{mode}-{size}") if opts.artifacts else tempfile.mkdtemp(prefix="artifacts-")
             for restart in (False, True):
                 spec = dict(mode=mode, size=size, model=opts.model, dtype=opts.dtype, restart=restart,
                             artifacts=artifacts, port=29600 + len(rows))

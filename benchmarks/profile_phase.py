@@ -7,6 +7,9 @@ the kernels grouped by name (count and microseconds per call), and saves the Chr
 
     python benchmarks/profile_phase.py --size 1024 --options '{"single_rank_exchanges": true}' \\
         --trace benchmarks/results/h100/steady_1024.json
+    python benchmarks/compile_bench.py --sizes 2048 --modes distri-exchanges --artifacts art
+    python benchmarks/profile_phase.py --size 2048 --batch 2 --load-artifacts art/distri-exchanges-2048 \
+        --options '{"single_rank_exchanges": true}'     # compiles from the caches the first one left
 """
 
 from __future__ import annotations
@@ -40,10 +43,16 @@ def main():
     parser.add_argument("--calls", type=int, default=5)
     parser.add_argument("--trace", default=None, help="where to save the Chrome trace")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--load-artifacts", help="compile from these cache artifacts (districompile.warm.load), "
+                        "e.g. compile_bench.py --artifacts DIR's DIR/distri-exchanges-2048 at batch 2")
     opts = parser.parse_args()
 
     store = tempfile.NamedTemporaryFile(delete=False).name
     dist.init_process_group("nccl", init_method=f"file://{store}", rank=0, world_size=1)
+    if opts.load_artifacts:
+        from districompile import warm
+
+        warm.load(opts.load_artifacts)
     device = torch.device("cuda")
     unet, args, kwargs = build(opts.model, opts.size, opts.batch, torch.float16, device)
     compiled = torch.compile(unet, backend="distri", options=json.loads(opts.options))

@@ -31,6 +31,9 @@ class DistriConfig:
     check_ranks: bool = True
     # Seconds a collective may wait for the other ranks (a dead or failed rank); None: the group's own.
     timeout: float | None = 600.0
+    # Compile a displaced shape's steady phase in a worker process while this one compiles its
+    # warm-up phase (Inductor only; ``backends/compile_workers.py``). None: for programs of 1,000 nodes or more.
+    compile_workers: bool | None = None
     # Print each compile stage and its seconds on rank 0 (stderr): the first call of an SDXL takes minutes.
     progress: bool = True
 

@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.fx as fx
 
 from .agreement import AGREED, check_ranks_agree, gather_rows_of_ranks, local_row
+from .backends import compile_workers
 from .backends.cudagraphs import PhaseGraph
 from .backends.lowering import lower, on_cuda
 from .batch_split import batch_split
@@ -85,6 +86,7 @@ class DistriRuntime:
         self.served: weakref.WeakSet[ModelRuntime] = weakref.WeakSet()
         self.timed_groups: set[str] = set()
         self.compilations = 0
+        self.worker_cache_hits = 0  # phases loaded from the cache a compile worker filled
 
     @property
     def displaced(self) -> bool:
@@ -176,8 +178,37 @@ class DistriRuntime:
         # The phases share one CUDA graph memory pool: they never run at once.
         pool = torch.cuda.graph_pool_handle() if on_cuda(args) and len(programs) > 1 else None
         inputs = [*args, *buffers]
-        lowered = {phase: self._lower(p, inputs, phase, pool, len(buffers)) for phase, p in programs.items()}
+        lowered = self._lower_phases(programs, inputs, pool, len(buffers))
         return Trajectory(programs, lowered, buffers, warmup_steps, split)
+
+    def _lower_phases(self, programs: dict, inputs: list, pool, persistent: int) -> dict:
+        """Each phase, lowered; through Inductor, the phases after the first compiled meanwhile by
+        worker processes (``compile_workers``), then loaded here from Inductor's cache."""
+        if self.config.lowering == "inductor":
+            programs = {phase: compile_workers.portable(p) for phase, p in programs.items()}
+        workers = compile_workers.start_workers(programs, inputs) if compile_workers.wanted(programs, self.config) else {}
+        lowered = {}
+        try:
+            for phase, program in programs.items():
+                worker = workers.pop(phase, None)
+                worked = False
+                if worker is not None:
+                    with self._stage(f"{self.name}: waiting for the worker process compiling the {phase} phase"):
+                        worked = worker.wait()
+                hits = compile_workers.fx_cache_hits()
+                lowered[phase] = self._lower(program, inputs, phase, pool, persistent)
+                loaded = compile_workers.fx_cache_hits() > hits
+                if worked and not loaded:
+                    log.warning("districompile: %s: the %s phase was not in its worker's cache entry; compiled it again", self.name, phase)
+                self.worker_cache_hits += worked and loaded
+                if worker is None and loaded:  # caches that hold this phase (a restart) hold the others: load them here
+                    for idle in workers.values():
+                        idle.cancel()
+                    workers.clear()
+        finally:  # a phase that failed to compile leaves no worker running
+            for idle in workers.values():
+                idle.cancel()
+        return lowered
 
     def describe(self, args, model: ModelRuntime, calls: int) -> str:
         """This rank's inputs and state, for an error that compares the ranks."""

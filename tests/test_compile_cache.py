@@ -3,26 +3,43 @@ districompile exchange ops, compiled under a tracing context with a shape env, s
 cache and Inductor's FX graph cache both key them, and a second process loads every phase
 instead of compiling it.
 
-Counted through the caches' own counters, in two fresh processes with empty cache directories of
+Counted through the caches' own counters, in fresh processes with empty cache directories of
 their own: the first compiles and saves its portable cache artifacts (``districompile.warm.save``),
 the second loads them (``districompile.warm.load``), as a shipped container would. The default
 displaced mode: its warm-up and steady programs with their exchange ops (kept at world 1 with
 ``single_rank_exchanges``: one process compiles, so the test stays short on a CPU).
+
+With ``compile_workers``, a worker process compiles the steady phase while the rank compiles the
+warm-up one, and the rank loads the steady phase from the cache entry the worker wrote.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 from dist import run_ranks
 from models import micro_unet
 
+import districompile
+
 PHASES = 2  # the warm-up and steady programs
 CALLS = 3  # warm-up, then two steady calls (warmup_steps=1)
 
 
-def compile_and_count(rank, world_size, cache_dir, artifacts, restart):
+@torch.library.custom_op("districompile_tests::scaled", mutates_args=())
+def scaled(t: torch.Tensor) -> torch.Tensor:
+    """An op of the user's: a worker process that did not import its library cannot load the program."""
+    return t * 1.0
+
+
+@scaled.register_fake
+def _(t):
+    return torch.empty_like(t)
+
+
+def compile_and_count(rank, world_size, cache_dir, artifacts, restart, workers, user_op=False):
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
     from torch._dynamo.utils import counters
 
@@ -30,31 +47,63 @@ def compile_and_count(rank, world_size, cache_dir, artifacts, restart):
 
     if restart:
         assert warm.load(artifacts)
+    warnings = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("districompile").addHandler(handler)
 
     model, args, kwargs = micro_unet(batch=2)
-    options = {"warmup_steps": 1, "single_rank_exchanges": True}
+    options = {"warmup_steps": 1, "single_rank_exchanges": True, "compile_workers": workers}
+    forward = model.forward
+    if user_op:
+        model.forward = lambda x, t: forward(x, scaled(t))
     compiled = torch.compile(model, backend="distri", options=options)
     with torch.no_grad():
         outputs = [compiled(*args, **kwargs) for _ in range(CALLS)]
-    if not restart:
+        eager = model(*args, **kwargs)
+    if artifacts and not restart:
         warm.save(artifacts)
     return {
         "outputs": outputs,
+        "eager": eager,
         "inductor": {k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache")},
         "aot": {k: v for k, v in counters["aot_autograd"].items() if k.startswith("autograd_cache")},
+        "worker_cache_hits": sum(runtime.worker_cache_hits for runtime in districompile.runtimes(model)),
+        "warnings": warnings,
     }
 
 
 def test_second_process_compiles_every_phase_from_the_caches(tmp_path):
+    """Cold, the steady phase is the worker's; restarted, every phase is loaded and no worker runs;
+    and the phases a worker compiled compute what this process compiles alone, bit for bit."""
     artifacts = str(tmp_path / "artifacts")
-    (cold,) = run_ranks(compile_and_count, 1, str(tmp_path / "cold"), artifacts, False, timeout=600)
-    (restarted,) = run_ranks(compile_and_count, 1, str(tmp_path / "restarted"), artifacts, True, timeout=600)
-    assert cold["inductor"] == {"fxgraph_cache_miss": PHASES}, cold
-    assert cold["aot"] == {"autograd_cache_miss": PHASES, "autograd_cache_saved": PHASES}, cold
+    (cold,) = run_ranks(compile_and_count, 1, str(tmp_path / "cold"), artifacts, False, True, timeout=600)
+    (restarted,) = run_ranks(compile_and_count, 1, str(tmp_path / "restarted"), artifacts, True, True, timeout=600)
+    (alone,) = run_ranks(compile_and_count, 1, str(tmp_path / "alone"), None, False, False, timeout=600)
+    assert cold["worker_cache_hits"] == 1, cold
+    assert cold["inductor"] == {"fxgraph_cache_miss": 1, "fxgraph_cache_hit": 1}, cold
+    assert cold["aot"] == {"autograd_cache_miss": 1, "autograd_cache_saved": 1, "autograd_cache_hit": 1}, cold
+    assert restarted["worker_cache_hits"] == 0, restarted
     assert restarted["aot"] == {"autograd_cache_hit": PHASES}, restarted
     assert restarted["inductor"] == {"fxgraph_cache_hit": PHASES}, restarted
-    for fresh, loaded in zip(cold["outputs"], restarted["outputs"]):
+    assert alone["inductor"] == {"fxgraph_cache_miss": PHASES}, alone
+    for run in (cold, restarted, alone):
+        assert run["warnings"] == [], run["warnings"]
+    for fresh, loaded, compiled_here in zip(cold["outputs"], restarted["outputs"], alone["outputs"]):
         torch.testing.assert_close(loaded, fresh, rtol=0, atol=0)
+        torch.testing.assert_close(compiled_here, fresh, rtol=0, atol=0)
+
+
+def test_a_failed_worker_leaves_the_phase_to_this_process(tmp_path):
+    """A program calling an op the worker cannot load (its library is imported here only): the
+    worker fails, a warning says so and why, and this process compiles the phase itself."""
+    (run,) = run_ranks(compile_and_count, 1, str(tmp_path / "cache"), None, False, True, True, timeout=600)
+    assert run["worker_cache_hits"] == 0
+    assert run["inductor"] == {"fxgraph_cache_miss": PHASES}, run
+    (warning,) = run["warnings"]
+    assert "worker compiling the steady phase failed" in warning and "districompile_tests" in warning, warning
+    for output in run["outputs"]:  # warm-up, then steady: the same inputs, the model's output
+        torch.testing.assert_close(output, run["eager"])
 
 
 def test_programs_compile_with_static_shapes(monkeypatch):

@@ -1,0 +1,179 @@
+"""Compile a shape's phases side by side: while this process lowers the first phase through
+Inductor, a worker process compiles each other phase and leaves it in Inductor's caches on disk
+(the FX graph and AOTAutograd caches), from which this process then loads it.
+
+Inductor's code generation holds the GIL, so phases compiled in threads would take turns; a
+process of its own compiles in parallel. The worker is only a cache warmer: what runs is always
+what this process compiled or loaded, and a worker that fails (or whose entry this process does
+not find) costs time, never correctness. The worker sees the program as a pickled copy, without
+node metadata, and Inductor's cache key covers what the metadata changes (pattern matching reads
+it), so every phase is compiled as such a copy (``portable``), here and in the worker alike, cold
+or restarted from shipped caches.
+
+The worker builds its example inputs from their metadata (``InputSpec``): parameters are
+allocated, uninitialised, on their device while it compiles (an SDXL in fp16: 5 GB).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+
+from ..config import DistriConfig
+
+log = logging.getLogger(__name__)
+
+# Auto mode (``compile_workers=None``): a worker for programs of at least this many nodes. Starting
+# one costs a process and its imports (seconds); a phase costs Inductor about 17 ms per node
+# (SDXL's 9,850-node steady program: 203 s on an H100).
+AUTO_MIN_NODES = 1000
+
+
+def portable(program: fx.GraphModule) -> fx.GraphModule:
+    """The program as a worker receives it: a pickled and unpickled copy (code, no node metadata)."""
+    return pickle.loads(pickle.dumps(program))
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What Inductor and its cache key see of an example input: shape, strides, dtype, device, and
+    whether it is a parameter; a non-tensor input is kept as its value."""
+
+    shape: tuple | None = None
+    stride: tuple | None = None
+    dtype: torch.dtype | None = None
+    device: str | None = None
+    parameter: bool = False
+    requires_grad: bool = False
+    value: object = None
+
+    @classmethod
+    def of(cls, x) -> InputSpec:
+        if not isinstance(x, torch.Tensor):
+            return cls(value=x)
+        return cls(
+            tuple(x.shape), tuple(x.stride()), x.dtype, str(x.device), isinstance(x, torch.nn.Parameter), x.requires_grad
+        )
+
+    def example(self):
+        if self.shape is None:
+            return self.value
+        x = torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=self.device)
+        return torch.nn.Parameter(x, requires_grad=self.requires_grad) if self.parameter else x.requires_grad_(self.requires_grad)
+
+
+def wanted(programs: dict[str, fx.GraphModule], config: DistriConfig) -> bool:
+    """Whether to compile these phases side by side (the config's ``compile_workers``)."""
+    from torch._inductor import config as inductor_config
+
+    if config.lowering != "inductor" or len(programs) < 2 or config.compile_workers is False:
+        return False
+    if not inductor_config.fx_graph_cache or inductor_config.force_disable_caches:
+        log.info("districompile: Inductor's FX graph cache is off: the phases compile one after another")
+        return False
+    return config.compile_workers or max(len(p.graph.nodes) for p in programs.values()) >= AUTO_MIN_NODES
+
+
+class CompileWorker:
+    """A process compiling one phase's program into Inductor's caches."""
+
+    def __init__(self, phase: str, program: fx.GraphModule, inputs: list):
+        from torch._functorch import config as functorch_config
+        from torch._inductor import config as inductor_config
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        self.phase = phase
+        job = {
+            "program": program,
+            "inputs": [InputSpec.of(x) for x in inputs],
+            "inductor_config": inductor_config.save_config(),
+            "functorch_config": functorch_config.save_config(),
+            "threads": torch.get_num_threads(),  # CPU kernels are generated for this process's thread count
+        }
+        fd, self.job_path = tempfile.mkstemp(prefix=f"districompile-{phase}-", suffix=".pkl")
+        with os.fdopen(fd, "wb") as job_file:
+            pickle.dump(job, job_file)
+        self.log_file = tempfile.TemporaryFile(mode="w+")
+        package_root = str(Path(__file__).resolve().parents[2])
+        env = {
+            **os.environ,
+            "TORCHINDUCTOR_CACHE_DIR": cache_dir(),  # the cache this process reads, wherever it was set
+            "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])),
+        }
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", __name__, self.job_path], env=env, stdout=self.log_file, stderr=subprocess.STDOUT
+        )
+
+    def wait(self) -> bool:
+        """Wait for the worker; False (with a warning naming the cause) when it failed."""
+        code = self.process.wait()
+        output = self._clean_up()
+        if code != 0:
+            tail = "\n".join(output.strip().splitlines()[-15:])
+            log.warning(
+                "districompile: the worker compiling the %s phase failed (exit code %d); this process compiles it "
+                "instead. Its output ends:\n%s", self.phase, code, tail,
+            )
+            return False
+        return True
+
+
+    def cancel(self):
+        """Stop the worker: this process found the phase in the caches already."""
+        self.process.kill()
+        self.process.wait()
+        self._clean_up()
+
+    def _clean_up(self) -> str:
+        """Remove the job file; the worker's output."""
+        os.unlink(self.job_path)
+        self.log_file.seek(0)
+        output = self.log_file.read()
+        self.log_file.close()
+        return output
+
+
+def start_workers(programs: dict[str, fx.GraphModule], inputs: list) -> dict[str, CompileWorker]:
+    """A worker for each phase after the first whose program differs from every earlier one (at
+    world 1 the warm-up and steady programs are the same, and the first compile fills the cache)."""
+    workers, seen = {}, set()
+    for index, (phase, program) in enumerate(programs.items()):
+        if index > 0 and program.code not in seen:
+            workers[phase] = CompileWorker(phase, program, inputs)
+        seen.add(program.code)
+    return workers
+
+
+def fx_cache_hits() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["fxgraph_cache_hit"]
+
+
+def main(job_path: str):
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config as inductor_config
+
+    from .lowering import compile_program  # run with -m, this process imported districompile: its ops exist
+
+    with open(job_path, "rb") as job_file:
+        job = pickle.load(job_file)
+    inductor_config.load_config(job["inductor_config"])
+    functorch_config.load_config(job["functorch_config"])
+    torch.set_num_threads(job["threads"])
+    inputs = [spec.example() for spec in job["inputs"]]
+    with torch.no_grad():
+        compile_program(job["program"], inputs, DistriConfig(lowering="inductor"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
