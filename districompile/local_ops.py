@@ -8,6 +8,8 @@ The exchanges themselves live in ``collectives``.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 
 aten = torch.ops.aten
@@ -26,13 +28,16 @@ def _grouped(call, x, local_shape: list[int], groups: int):
 
 
 def local_group_stats(call, x, local_shape: list[int], groups: int):
-    """Per (sample, group): this rank's element count, mean and sum of squared deviations, in float32."""
+    """Per (sample, group): this rank's element count, mean and sum of squared deviations, in float32.
+
+    One pass over ``x``: ``var_mean`` is a single (Welford) reduction under Inductor, where a mean
+    and then the squared deviations from it were two reductions, each reading the whole input."""
     grouped = _grouped(call, x, local_shape, groups)
-    mean = call(aten.mean.dim, grouped, [-1])
-    deviation = call(aten.sub.Tensor, grouped, call(aten.unsqueeze.default, mean, -1))
-    m2 = call(aten.sum.dim_IntList, call(aten.mul.Tensor, deviation, deviation), [-1])
-    count = call(aten.full_like.default, mean, torch.Size(local_shape[1:]).numel() // groups)
-    return call(aten.stack.default, [count, mean, m2], -1)
+    moments = call(aten.var_mean.correction, grouped, [-1], correction=0)
+    variance, mean = (call(operator.getitem, moments, i) for i in range(2))
+    count = torch.Size(local_shape[1:]).numel() // groups
+    m2 = call(aten.mul.Tensor, variance, count)
+    return call(aten.stack.default, [call(aten.full_like.default, mean, count), mean, m2], -1)
 
 
 def group_norm_from_stats(
