@@ -31,10 +31,11 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 
 from .collectives import (
     REDUCE_OPS,
+    ROW_DIM,
+    HaloPlan,
     all_gather_single,
     exchanging,
     halo_plan,
-    pack_rows,
     post_p2p,
     run,
 )
@@ -94,19 +95,36 @@ def _started(works: list, wait: bool, like: torch.Tensor, what: str) -> torch.Te
 
 @torch.library.custom_op("districompile::exchange_rows", mutates_args=("send", "recv"))
 def exchange_rows(
-    x: torch.Tensor, send: torch.Tensor, recv: torch.Tensor, bounds: list[int], need_lo: list[int],
-    need_hi: list[int], rank: int, pad_mode: int, group: str, wait: bool, after: list[torch.Tensor],
+    outgoing: torch.Tensor, send: torch.Tensor, recv: torch.Tensor, shape: list[int], bounds: list[int],
+    need_lo: list[int], need_hi: list[int], rank: int, pad_mode: int, group: str, wait: bool, after: list[torch.Tensor],
 ) -> torch.Tensor:
-    """Send the rows of ``x`` that other ranks fetch (``collectives.fetch_rows``) from ``send``; receive theirs into ``recv``."""
+    """Send the rows that other ranks fetch (``collectives.fetch_rows``) of this rank's tensor of
+    (canonical) ``shape``, packed by the program (``pack_outgoing_rows``), from ``send``; receive
+    theirs into ``recv``."""
     _check_owned("exchange_rows", send, recv)
     plan = halo_plan(tuple(bounds), tuple(need_lo), tuple(need_hi), rank, pad_mode)
-    outgoing = chunks(run, send, halo_shapes(x.shape, plan.send_rows()))
-    incoming = chunks(run, recv, halo_shapes(x.shape, plan.receive_rows()))
-    sends = [(peer, pack_rows(x, runs, chunk)) for (peer, runs), chunk in zip(plan.sends, outgoing)]
-    receives = [(peer, chunk) for (peer, _), chunk in zip(plan.receives, incoming)]
-    with exchanging("displaced halo exchange", x):
+    send.copy_(outgoing)
+    sends = list(zip((peer for peer, _ in plan.sends), chunks(run, send, halo_shapes(shape, plan.send_rows()))))
+    receives = [(peer, chunk) for (peer, _), chunk in zip(plan.receives, chunks(run, recv, halo_shapes(shape, plan.receive_rows())))]
+    with exchanging("displaced halo exchange", outgoing):
         works = post_p2p(receives, sends, _resolve_process_group(group))
-    return _started(works, wait, x, "displaced halo exchange")
+    return _started(works, wait, outgoing, "displaced halo exchange")
+
+
+def pack_outgoing_rows(call, x, plan: HaloPlan):
+    """The rows of ``x`` that ``plan`` sends, flat, peer after peer (``send``'s layout), as ATen ops.
+
+    In the graph rather than in the op: Inductor computes only these rows, where an op taking all
+    of ``x`` would make it materialise the whole tensor (a SiLU the convolution's input assembly
+    computes anyway) for the sake of a few rows."""
+    flat = [
+        call(aten.reshape.default, call(aten.cat.default, [call(aten.slice.Tensor, x, ROW_DIM, first, first + count)
+                                                           for first, count in runs], ROW_DIM), [-1])
+        for _, runs in plan.sends
+    ]
+    if not flat:
+        return call(aten.full.default, [0], 0.0, dtype=x.meta["val"].dtype, device=x.meta["val"].device)
+    return flat[0] if len(flat) == 1 else call(aten.cat.default, flat)
 
 
 @torch.library.custom_op("districompile::exchange_blocks", mutates_args=("send", "recv"))

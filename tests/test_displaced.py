@@ -47,6 +47,17 @@ def ordering(program) -> list[tuple]:
     return rows
 
 
+def packed_flat(node) -> bool:
+    """Whether ``node`` is rows packed flat by ``pack_outgoing_rows``: a ``reshape(..., [-1])``, a
+    ``cat`` of such, or an empty ``full`` for a rank that sends nothing."""
+    aten = torch.ops.aten
+    if node.target is aten.reshape.default:
+        return list(node.args[1]) == [-1]
+    if node.target is aten.cat.default:
+        return all(packed_flat(part) for part in node.args[0])
+    return node.target is aten.full.default and list(node.args[0]) == [0]
+
+
 def program_summary(runtime) -> dict:
     (trajectory,) = runtime.trajectories.values()  # one input shape
     programs = trajectory.programs
@@ -55,6 +66,8 @@ def program_summary(runtime) -> dict:
         summary[phase] = exchanges(program)
         summary[phase, "ordering"] = ordering(program)
         summary[phase, "inputs"] = sum(n.op == "placeholder" for n in program.graph.nodes)
+        halo_ops = [n for n in program.graph.nodes if n.target is torch.ops.districompile.exchange_rows.default]
+        summary[phase, "halo sends packed"] = [packed_flat(n.args[0]) for n in halo_ops]
     return summary
 
 
@@ -177,6 +190,10 @@ def test_displaced_programs(ranks, mode):
     # Two buffers per site, after the program's own inputs, the same for both phases.
     assert summary["buffers"] == 2 * len(sites["warm-up"])
     assert summary["warm-up", "inputs"] == summary["steady", "inputs"]
+    # A halo exchange is given the rows it sends, packed in the graph, not the whole tensor.
+    for phase in ("warm-up", "steady"):
+        packed = summary[phase, "halo sends packed"]
+        assert packed and all(packed), (phase, packed)
 
 
 @pytest.mark.parametrize("mode", ("corrected_async_gn", "stale_gn", "separate_gn", "no_sync"))

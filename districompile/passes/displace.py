@@ -26,7 +26,7 @@ from torch._guards import detect_fake_mode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from ..collectives import assemble_halo, halo_plan, join_blocks, row_counts
-from ..displaced import chunks, halo_shapes
+from ..displaced import chunks, halo_shapes, pack_outgoing_rows
 
 aten = torch.ops.aten
 districompile = torch.ops.districompile
@@ -146,7 +146,8 @@ class _Displacer:
                 val.dtype, val.device,
             ),
             lambda wait, after: self.call(
-                districompile.exchange_rows.default, x, send, recv, bounds, need_lo, need_hi, rank, pad_mode, group, wait, after
+                districompile.exchange_rows.default, pack_outgoing_rows(self.call, x, plan), send, recv, shape, bounds,
+                need_lo, need_hi, rank, pad_mode, group, wait, after,
             ),
         )
 
