@@ -126,7 +126,6 @@ class CompileWorker:
             return False
         return True
 
-
     def cancel(self):
         """Stop the worker: this process found the phase in the caches already."""
         self.process.kill()
@@ -163,7 +162,8 @@ def main(job_path: str):
     from torch._functorch import config as functorch_config
     from torch._inductor import config as inductor_config
 
-    from .lowering import compile_program  # run with -m, this process imported districompile: its ops exist
+    # Run with -m, this process imported the districompile package: the ops the program calls exist.
+    from .lowering import compile_program
 
     with open(job_path, "rb") as job_file:
         job = pickle.load(job_file)
