@@ -201,9 +201,13 @@ class DistriRuntime:
                 if worked and not loaded:
                     log.warning("districompile: %s: the %s phase was not in its worker's cache entry; compiled it again", self.name, phase)
                 self.worker_cache_hits += worked and loaded
-                if worker is None and loaded:  # caches that hold this phase (a restart) hold the others: load them here
+                if worker is None and loaded:
+                    # Caches that hold this phase (a restart) hold the others: each worker finds its
+                    # phase there too. Waited for, not killed: a worker stopped while it reads or
+                    # writes the cache left this process bypassing AOTAutograd's cache (once in four
+                    # runs of tests/test_compile_cache.py).
                     for idle in workers.values():
-                        idle.cancel()
+                        idle.wait()
                     workers.clear()
         finally:  # a phase that failed to compile leaves no worker running
             for idle in workers.values():

@@ -127,7 +127,7 @@ class CompileWorker:
         return True
 
     def cancel(self):
-        """Stop the worker: this process found the phase in the caches already."""
+        """Stop the worker: the compile it was meant to spare failed."""
         self.process.kill()
         self.process.wait()
         self._clean_up()
