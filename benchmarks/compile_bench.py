@@ -11,7 +11,8 @@ the phase that runs from then on) and split the first call into stages:
 - ``lower``: compiling each phase (AOTAutograd and Inductor: ``inductor`` for reduce-overhead,
   which compiles inside the backend call), with Inductor's codegen and the wait for Triton's
   compile workers shown apart; ``wait``: for the worker process compiling the steady phase
-  meanwhile (``compile_workers``; its codegen is not in this process's ``codegen``);
+  meanwhile (``compile_workers``; its codegen is not in this process's ``codegen``); ``withdraw``:
+  on a restart, for the workers the cached phases made unnecessary to exit;
 - ``first steady``: seconds from the start to the end of the first steady call, CUDA graph
   captures included.
 
@@ -53,9 +54,10 @@ class StageLog(logging.Handler):
         self.stages: dict[str, float] = {}
 
     def emit(self, record):
-        found = re.search(r"(planning|lowering the (\S+) phase|waiting for the worker).* took ([\d.]+) s", record.getMessage())
+        found = re.search(r"(planning|lowering the (\S+) phase|waiting for the worker|withdrawing the compile workers).* took ([\d.]+) s", record.getMessage())
         if found:
-            name = {"planning": "plan", "waiting for the worker": "lower wait"}.get(found[1], f"lower {found[2]}")
+            name = {"planning": "plan", "waiting for the worker": "lower wait", "withdrawing the compile workers": "lower withdraw"}
+            name = name.get(found[1], f"lower {found[2]}")
             self.stages[name] = self.stages.get(name, 0.0) + float(found[3])
 
 

@@ -201,13 +201,11 @@ class DistriRuntime:
                 if worked and not loaded:
                     log.warning("districompile: %s: the %s phase was not in its worker's cache entry; compiled it again", self.name, phase)
                 self.worker_cache_hits += worked and loaded
-                if worker is None and loaded:
-                    # Caches that hold this phase (a restart) hold the others: each worker finds its
-                    # phase there too. Waited for, not killed: a worker stopped while it reads or
-                    # writes the cache left this process bypassing AOTAutograd's cache (once in four
-                    # runs of tests/test_compile_cache.py).
-                    for idle in workers.values():
-                        idle.wait()
+                if worker is None and loaded and workers:
+                    # Caches that hold this phase (a restart) hold the others: the workers are not needed.
+                    with self._stage(f"{self.name}: withdrawing the compile workers (the phases are cached)"):
+                        for idle in workers.values():
+                            idle.withdraw()
                     workers.clear()
         finally:  # a phase that failed to compile leaves no worker running
             for idle in workers.values():

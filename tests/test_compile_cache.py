@@ -124,3 +124,24 @@ def test_programs_compile_with_static_shapes(monkeypatch):
     compiled = compile_program(program, inputs, DistriConfig())
     torch.testing.assert_close(compiled(*inputs)[0], program(*inputs)[0])
     assert symbols == []
+
+
+def test_a_withdrawn_worker_exits_without_compiling(tmp_path, monkeypatch):
+    """A worker told it is not needed before it compiles leaves the cache as it was; one let run
+    writes its phase there (so the first half observes something)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from districompile.backends.compile_workers import CompileWorker
+
+    inputs = [torch.randn(4, 8)]
+    program = make_fx(lambda x: (torch.sin(x) + 1,))(*inputs)
+
+    def cache_entries(name):
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / name))
+        worker = CompileWorker("steady", program, inputs)
+        worker.withdraw() if name == "withdrawn" else worker.wait()
+        assert worker.process.returncode == 0
+        return list((tmp_path / name).glob("fxgraph/*/*"))
+
+    assert cache_entries("withdrawn") == []
+    assert len(cache_entries("compiled")) == 1
