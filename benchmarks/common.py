@@ -41,10 +41,12 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device, warmup: int, iters: int, before_timing=lambda: None) -> tuple[float, float | None]:
+def timed(fn, device, warmup: int, iters: int, before_timing=lambda: None) -> tuple[float, float | None, float]:
     """Median milliseconds per call after a first call (printed), ``before_timing()`` and ``warmup``
     calls: wall time from host to synchronized device, and on CUDA the device time between events
-    around the call."""
+    around the call; then the mean of ``iters`` calls back to back, synchronized once, as a
+    denoising loop runs them (*queued*: the host may run ahead of the device, unless a call waits
+    for it)."""
     start = time.perf_counter()
     fn()
     sync(device)
@@ -66,12 +68,19 @@ def timed(fn, device, warmup: int, iters: int, before_timing=lambda: None) -> tu
         wall.append((time.perf_counter() - start) * 1e3)
         if device.type == "cuda":
             on_device.append(begin.elapsed_time(end))
-    return statistics.median(wall), statistics.median(on_device) if on_device else None
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync(device)
+    queued = (time.perf_counter() - start) * 1e3 / iters
+    return statistics.median(wall), statistics.median(on_device) if on_device else None, queued
 
 
 def record_time(row, name, times):
-    """``name ms`` (wall) and, on CUDA, ``name GPU ms`` (the stream's time from first to last kernel)."""
-    row[f"{name} ms"], on_device = times
+    """``name ms`` (wall), on CUDA ``name GPU ms`` (the stream's time from first to last kernel), and
+    ``name queued ms`` (calls back to back)."""
+    row[f"{name} ms"], on_device, row[f"{name} queued ms"] = times
     if on_device is not None:
         row[f"{name} GPU ms"] = on_device
 

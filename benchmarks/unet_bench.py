@@ -8,6 +8,8 @@
 - ``distri1-steady``: ``backend="distri"`` in the default displaced mode on one rank with the
   exchange ops kept (``single_rank_exchanges``: 1-rank NCCL collectives inside the CUDA graph),
   timed in the steady phase: what the exchange ops and their join cost beyond the compute;
+- ``distri1-deferred``: the same with ``host_checks="deferred"`` (as ``parallelize`` runs it): no
+  call waits for the device before it runs; compare the ``queued`` columns;
 - ``projected``: one rank's program of an N-rank plan with every exchange replaced by a local
   stand-in (a *projection* of compute scaling: no communication is timed), with the bytes all
   ranks exchange per call and the peak memory of the run plus the stale buffers it would keep;
@@ -18,7 +20,9 @@
   is not timed: ``explain`` does not give the batch split's outputs, and the runtime calls that
   gather outside the program, where ``localize`` cannot stand in for it.
 
-On CUDA each mode also reports its peak memory (``peak GiB``; with ``--jobs``, of its own
+Each mode reports the median milliseconds of a call synchronized on its own (``ms``; on CUDA
+``GPU ms`` too, between events around the call) and the mean of calls back to back (``queued
+ms``), as a denoising loop makes them. On CUDA each mode also reports its peak memory (``peak GiB``; with ``--jobs``, of its own
 process alone).
 
 Under torchrun with several processes, ``distri`` runs for real at that world size instead
@@ -60,6 +64,10 @@ def run_steady(row, case: Case, ctx):
     run_distri(row, "distri N=1 steady, exchanges kept", case, ctx, single_rank_exchanges=True)
 
 
+def run_deferred(row, case: Case, ctx):
+    run_distri(row, "distri N=1 steady, checks deferred", case, ctx, single_rank_exchanges=True, host_checks="deferred")
+
+
 def run_cfg_projection(row, case: Case, ctx):
     """The per-rank program of the CFG split at world 2 of the case's inputs doubled (a batch of
     2b, halves alike): each rank's half is the case's batch b, so its output is eager's."""
@@ -82,6 +90,7 @@ BENCH = Benchmark(
         "distri1": DISTRI1,
         "distri1-unchecked": Mode(run_unchecked, reference=True),
         "distri1-steady": Mode(run_steady, reference=True),
+        "distri1-deferred": Mode(run_deferred, reference=True),
         "projected": PROJECTED,
         "projected-cfg": Mode(run_cfg_projection, reference=True),
         "distri": DISTRI,

@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields, replace
 SYNC_MODES = ("corrected_async_gn", "stale_gn", "separate_gn", "full_sync", "no_sync")
 PARALLELISMS = ("patch", "naive_patch")
 LOWERINGS = ("inductor", "eager")
+HOST_CHECKS = ("per_call", "deferred")
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,10 @@ class DistriConfig:
     single_rank_exchanges: bool = False
     # Compare a fingerprint of every rank's inputs and trajectory state before each call's exchanges.
     check_ranks: bool = True
+    # When the host reads each call's check (agreement, timestep, sample motion): "per_call" waits for
+    # it before the call runs; "deferred" reads it at the next call (no host sync in the hot path; a
+    # new image must then begin with reset(model), as parallelize does).
+    host_checks: str = "per_call"
     # Seconds a collective may wait for the other ranks (a dead or failed rank); None: the group's own.
     timeout: float | None = 600.0
     # Compile a displaced shape's steady phase in a worker process while this one compiles its
@@ -38,7 +43,8 @@ class DistriConfig:
     progress: bool = True
 
     def __post_init__(self):
-        for name, allowed in (("sync_mode", SYNC_MODES), ("parallelism", PARALLELISMS), ("lowering", LOWERINGS)):
+        choices = {"sync_mode": SYNC_MODES, "parallelism": PARALLELISMS, "lowering": LOWERINGS, "host_checks": HOST_CHECKS}
+        for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"districompile: {name}={getattr(self, name)!r}; choose one of {allowed}")
         if self.timeout is not None and self.timeout <= 0:

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from .config import DistriConfig
-from .runtime import reset
+from .runtime import reset, settle
 
 
 def parallelize(pipe, split_vae: bool = True, **options):
@@ -29,13 +29,16 @@ def parallelize(pipe, split_vae: bool = True, **options):
     rank decodes. ``districompile.runtimes(pipe.vae.decode)`` are the decoder's compiled graphs.
 
     Every rank calls the pipeline with the same arguments (the same ``prompt_embeds``). Each
-    call starts a new trajectory (``reset``), shares one random seed across ranks when no
+    call starts a new trajectory (``reset``), so the denoising steps need not wait for their checks
+    (``host_checks="deferred"`` unless ``options`` say otherwise: read after the last step), shares one random seed across ranks when no
     ``generator`` or ``latents`` is given, shows the progress bar on rank 0 only, and returns
     the images as asked on rank 0. The other ranks get, with ``split_vae``, the same decoded
     images as a tensor (the pipeline's ``output_type="pt"``: (N, 3, H, W) in [0, 1], not
     converted to numpy or PIL); without it they skip the VAE and get the final latents
     (``output_type="latent"``). Returns ``pipe``.
     """
+    # Each call begins with reset: new images are announced, so the hot path need not wait for its checks.
+    options = {"host_checks": "deferred", **options}
     config = DistriConfig.from_options(options)  # unknown options raise here, naming them
     group = config.group or dist.group.WORLD
     rank = dist.get_rank(group)
@@ -75,7 +78,10 @@ def parallelize(pipe, split_vae: bool = True, **options):
         if rank != 0 and kwargs.get("output_type") != "latent":
             # A split decode needs every rank; the conversion to numpy or PIL is rank 0's alone.
             kwargs["output_type"] = "pt" if split_vae else "latent"
-        return call(self, *args, **kwargs)
+        result = call(self, *args, **kwargs)
+        for model in models:  # the last step's deferred checks: their errors come with this call
+            settle(model)
+        return result
 
     # ``pipe(...)`` looks __call__ up on the class, so the pipeline gets a subclass of its own.
     pipe.__class__ = type(type(pipe).__name__, (type(pipe),), {"__call__": parallel_call})

@@ -10,12 +10,23 @@ import re
 import sys
 import time
 import weakref
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.fx as fx
 
-from .agreement import AGREED, check_ranks_agree, gather_rows_of_ranks, local_row
+from .agreement import (
+    AGREED,
+    DeferredRows,
+    check_ranks_agree,
+    gather_host_rows,
+    gather_rows_of_ranks,
+    host_group,
+    host_row,
+    local_row,
+)
 from .backends import compile_workers
 from .backends.cudagraphs import PhaseGraph
 from .backends.lowering import lower, on_cuda
@@ -212,14 +223,18 @@ class DistriRuntime:
                 idle.cancel()
         return lowered
 
-    def describe(self, args, model: ModelRuntime, calls: int) -> str:
-        """This rank's inputs and state, for an error that compares the ranks."""
+    def describe(self, args, model: ModelRuntime, calls: int, trajectory: int, row: list[float] | None = None) -> str:
+        """This rank's inputs and state, for an error that compares the ranks: each input's sum, or
+        where the check was deferred (the inputs may have changed since), the row's fingerprint."""
         inputs = ", ".join(
-            f"{self.input_names[i]} {tuple(args[i].shape)} {str(args[i].dtype).removeprefix('torch.')} sum {float(args[i].double().sum()):.6g}"
+            f"{self.input_names[i]} {tuple(args[i].shape)} {str(args[i].dtype).removeprefix('torch.')}"
+            + ("" if row is not None else f" sum {float(args[i].double().sum()):.6g}")
             if isinstance(args[i], torch.Tensor) else f"{self.input_names[i]}={args[i]!r}"
             for i in self.data_positions
         )
-        return f"{model.name} {self.name}, trajectory {model.restarts}, call {calls + 1}: {inputs}"
+        if row is not None:
+            inputs += f"; weighted sum {row[AGREED.index('inputs sum')]:.6g}, of squares {row[AGREED.index('inputs sum of squares')]:.6g}"
+        return f"{model.name} {self.name}, trajectory {trajectory}, call {calls + 1}: {inputs}"
 
     def __call__(self, *args):
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
@@ -238,35 +253,43 @@ class DistriRuntime:
         # The same graph and model at other shapes, this trajectory: new shapes begin a new one.
         reshaped = any(t.last_call is not None for k, t in model.compiled.get(self, {}).items() if k[0] == key[0] and k != key)
         leading = reshaped or model.leads(compiled)
+        if leading:
+            settle_checks(model)  # the previous model call's, where they were deferred
         sample = args[self.spatial[0]] if self.spatial else None
         last_sample = compiled.last_sample if compiled is not None and leading else None
         group = self.group() if self.spatial and self.config.check_ranks else None
         row = local_row(args, self.data_positions, self.fingerprinted, self.timesteps, sample, last_sample, model.restarts, calls)
         where = f"call {calls + 1} of {model.name}'s trajectory ({self.name})"
-        rows = gather_rows_of_ranks(row, group, where)
-        if group is not None:
-            check_ranks_agree(rows, lambda: self.describe(args, model, calls), group, where)
+        deferred = self.config.host_checks == "deferred"
+        if deferred and group is not None:  # what the host knows is compared now, on the CPU
+            hosts = host_group(group)
+            rows = gather_host_rows(host_row(args, self.data_positions, model.restarts, calls), hosts, where)
+            check_ranks_agree(rows, lambda: self.describe(args, model, calls, model.restarts), hosts, where)
+        # A new shape is checked whole before it compiles (its compile and first exchanges need ranks that agree).
+        deferred = deferred and compiled is not None
+        if deferred:
+            trajectory = model.restarts
+            model.pending.append(PendingCheck(
+                DeferredRows(row, group, where), group, where, leading, began=reshaped or model.first is None,
+                describe=lambda row: self.describe(args, model, calls, trajectory, row),
+            ))
+        else:
+            rows = gather_rows_of_ranks(row, group, where)
+            if group is not None:
+                check_ranks_agree(rows, lambda: self.describe(args, model, calls, model.restarts), group, where)
         if compiled is None:
             compiled = self.compile(args)
             model.add(self, key, compiled)
         if leading:
-            self._maybe_restart(model, reshaped, rows[0])
+            reason = "new input shapes" if reshaped else None if deferred else restart_reason(model, rows[0])
+            if reason:
+                model.restart(reason)
+            if not deferred:
+                note_timestep(model, rows[0])
             if sample is not None and compiled.displaced:
                 compiled.last_sample = sample.detach().clone()
         model.enter(compiled, self.name)
         return self._run(model, compiled, args)
-
-    def _maybe_restart(self, model: ModelRuntime, reshaped: bool, row: list[float]):
-        """The leading graph of a model call sees a new trajectory begin (see the class docstring)."""
-        timestep, moved, norm = row[len(AGREED) :]
-        if reshaped:
-            model.restart("new input shapes")
-        elif timestep >= 0 and model.last_timestep is not None and timestep > model.last_timestep:
-            model.restart(f"the timestep rose from {model.last_timestep:g} to {timestep:g}")
-        elif moved > NEW_SAMPLE_JUMP * norm:
-            model.restart(f"the sample moved by {moved / max(norm, 1e-30):.2f} of its norm: a new image")
-        if timestep >= 0:
-            model.last_timestep = timestep
 
     def _run(self, model: ModelRuntime, compiled: Trajectory, args):
         calls, phase = compiled.calls, compiled.phase()
@@ -288,16 +311,79 @@ class DistriRuntime:
             raise DistriCompileError(f"districompile: {where} failed: {error}") from error
 
 
+@dataclass
+class PendingCheck:
+    """A call's check whose rows the host reads at the model's next call (``host_checks="deferred"``)."""
+
+    rows: DeferredRows
+    group: object  # None: no comparison of the ranks (check_ranks off, or a graph with no spatial input)
+    where: str
+    leading: bool  # the call's graph ran first in its model call: its rows tell whether a new image began
+    began: bool  # the call began a trajectory itself (reset, new shapes): nothing to detect
+    describe: Callable[[list[float]], str]  # this rank's inputs, given its row
+
+
+def restart_reason(model: ModelRuntime, row: list[float], sample_jump: bool = True) -> str | None:
+    """Why a leading graph's call (its row) begins a new trajectory, if it does (see ``DistriRuntime``)."""
+    timestep, moved, norm = row[len(AGREED) :]
+    if timestep >= 0 and model.last_timestep is not None and timestep > model.last_timestep:
+        return f"the timestep rose from {model.last_timestep:g} to {timestep:g}"
+    if sample_jump and moved > NEW_SAMPLE_JUMP * norm:
+        return f"the sample moved by {moved / max(norm, 1e-30):.2f} of its norm: a new image"
+    return None
+
+
+def note_timestep(model: ModelRuntime, row: list[float]):
+    """The leading graph's timestep, to tell a rise at the next call."""
+    timestep = row[len(AGREED)]
+    if timestep >= 0:
+        model.last_timestep = timestep
+
+
+def settle_checks(model: ModelRuntime):
+    """Read the deferred checks of ``model``'s last call: ranks that disagreed, or a new image begun
+    without ``reset``, raise here, one call late (every rank reads the same rows, so all raise)."""
+    pending, model.pending = model.pending, []
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    for check in pending:
+        rows = check.rows.rows()
+        if check.group is not None:
+            local = rows[dist.get_rank(check.group)]
+            check_ranks_agree(rows, lambda: check.describe(local), check.group, check.where, ran=True)
+        if not check.leading:
+            continue
+        # A rising timestep only: the sample's jump also fires where steps move the sample far (a
+        # model with random weights), which per call costs a warm-up but here would be an error.
+        new_image = None if check.began else restart_reason(model, rows[0], sample_jump=False)
+        note_timestep(model, rows[0])
+        if new_image:
+            raise DistriCompileError(
+                f"districompile: {check.where} began a new image ({new_image}) without districompile.reset(model): with "
+                f"host_checks='deferred' the call ran the steady phase with the previous image's stale activations, so "
+                f"its output is wrong (rank {rank}). Call districompile.reset(model) on every rank before each image "
+                "(parallelize(pipe) does), or use host_checks='per_call' to detect new images before each call"
+            )
+
+
 def runtimes(model) -> list[DistriRuntime]:
     """The runtimes of ``model``'s compiled graphs (one per graph Dynamo captured, per set of options)."""
     return [graph for found in model_runtimes(model) for graph in found.graphs]
 
 
+def settle(model):
+    """Read now the checks of ``model``'s last call that ``host_checks="deferred"`` left for later:
+    their errors (ranks that disagreed, a new image begun without ``reset``) raise here."""
+    for model_runtime in model_runtimes(model):
+        settle_checks(model_runtime)
+
+
 def reset(model) -> int:
-    """Start a new trajectory (warm-up again, no stale values reused) for every compiled graph of ``model``.
+    """Start a new trajectory (warm-up again, no stale values reused) for every compiled graph of
+    ``model``, once the checks of its last call are read (``settle``).
 
     Returns how many compiled graphs were reset.
     """
+    settle(model)
     found = model_runtimes(model)
     for model_runtime in found:
         model_runtime.restart()

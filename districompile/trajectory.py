@@ -84,6 +84,7 @@ class ModelRuntime:
         self.first: Trajectory | None = None  # the graph that ran first in the current trajectory
         self.last_timestep: float | None = None
         self.failure: str | None = None  # a call that failed midway: the ranks are out of step
+        self.pending: list = []  # the last call's deferred checks (runtime.PendingCheck), read at the next
 
     @property
     def graphs(self) -> list:

@@ -13,6 +13,7 @@
 - The plans of SDXL and FLUX.1-dev (their real architectures) and of small SD3 and PixArt
   transformers have no fallback on CUDA: some ops capture differently there (diffusers' RMSNorm
   is ``_fused_rms_norm`` on CUDA and decomposed on the CPU), so CI cannot see a missing rule.
+- With ``host_checks="deferred"``, a replayed steady call makes no synchronizing CUDA call.
 - A displaced steady phase replayed as a CUDA graph keeps its stale state right: with
   ``stale_gn`` (GroupNorm statistics of the previous call), the replayed trajectory equals the
   eager lowering of the same program, call by call, also after ``reset``.
@@ -136,6 +137,33 @@ def test_every_call_equals_full_sync(batch2, name, mode, split_batch):
     ]
     print(f"\n{name} {mode} split_batch={split_batch}: rel err per call {[f'{e:.1e}' for e in errors]}")
     assert max(errors) < 1e-4, errors
+
+
+def test_deferred_checks_queue_steady_calls_without_a_host_sync():
+    """With ``host_checks="deferred"`` a replayed steady call makes no synchronizing CUDA call (the
+    sync debug mode raises on one); with ``per_call`` its check's host read does. Same outputs."""
+    model, args, kwargs = on_gpu(*micro_unet(height=32, width=32, batch=2), torch.float32)
+    outputs, errors = {}, {}
+    for checks in ("per_call", "deferred"):
+        fresh_dynamo()
+        options = {"warmup_steps": WARMUP, "single_rank_exchanges": dist.get_world_size() == 1, "host_checks": checks}
+        compiled = torch.compile(model, backend="distri", options=options)
+        with torch.no_grad():
+            # Warm-up calls, then the steady phase's eager call and its capture: the next call replays.
+            outputs[checks] = [as_tensor(compiled(*args, **kwargs)).clone() for _ in range(WARMUP + 2)]
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                outputs[checks].append(as_tensor(compiled(*args, **kwargs)).clone())
+            except RuntimeError as error:
+                errors[checks] = str(error)
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            districompile.settle(model)
+    assert "deferred" not in errors, errors["deferred"]
+    assert "synchronizing" in errors.get("per_call", ""), errors
+    for call, (ours, per_call) in enumerate(zip(outputs["deferred"], outputs["per_call"])):
+        assert relative_error(ours, per_call) < 1e-6, f"call {call}"
+    assert len(outputs["deferred"]) == WARMUP + 3
 
 
 def stale_trajectory(model, x, t_values, context, kwargs, **options):

@@ -191,6 +191,88 @@ def test_autograd_is_refused_with_the_fix(agreeing):
         assert "torch.no_grad()" in out["autograd"]
 
 
+# ----------------------------------------------------------------------------- deferred checks
+
+DEFERRED = {"host_checks": "deferred"}
+
+
+def _deferred(rank, world):
+    """``host_checks="deferred"``: what the host reads before a call, and what one call late."""
+    from districompile import runtime
+
+    read_before = []  # device rows the host waited for before a call ran
+    gather = runtime.gather_rows_of_ranks
+    runtime.gather_rows_of_ranks = lambda *args: read_before.append(args[2]) or gather(*args)
+    out = {}
+    torch.manual_seed(0)
+    model, args, _ = micro_unet()
+    x_a, x_b, t = args[0], torch.randn_like(args[0]), args[1]
+    with torch.no_grad():
+        for checks in ("per_call", "deferred"):
+            torch._dynamo.reset()
+            unet = torch.compile(model, backend="distri", options={**DISPLACED, "host_checks": checks}, dynamic=False)
+            districompile.reset(model)
+            del read_before[:]
+            denoise(unet, x_a, A_STEPS)
+            districompile.reset(model)
+            out[checks, "b"] = denoise(unet, x_b, LOW_STEPS)
+            out[checks, "read before"] = list(read_before)
+
+        # B after A without reset, its timesteps rising: its first call reuses A's stale activations;
+        # its second says so.
+        districompile.reset(model)
+        denoise(unet, x_a, A_STEPS)
+        steps = []
+        out["unannounced"] = error_text(lambda: [steps.append(unet(x_b, torch.tensor(float(s)))) for s in A_STEPS])
+        out["unannounced steps"] = len(steps)
+
+        # Ranks that disagree in a steady call: it runs, the next call (or reset) raises on every rank.
+        districompile.reset(model)
+        for s in A_STEPS[:3]:
+            unet(x_a, torch.tensor(float(s)))
+        unet(x_a + rank, torch.tensor(200.0))
+        out["other_sample"] = error_text(lambda: unet(x_a, torch.tensor(100.0)))
+        unet(x_a + rank, torch.tensor(50.0))
+        out["other_sample_then_reset"] = error_text(lambda: districompile.reset(model))
+        districompile.reset(model)
+        unet(x_a, t)
+        # What the host knows (the trajectory) is still compared before the call: nothing runs.
+        if rank == 0:
+            districompile.reset(model)
+        out["reset_alone"] = error_text(lambda: unet(x_a, t))
+    return out
+
+
+@pytest.fixture(scope="module")
+def deferred():
+    return run_ranks(_deferred, 2, timeout=600.0)
+
+
+def test_deferred_checks_wait_for_no_device_row_once_compiled(deferred):
+    """Per call, the host waits for each call's device row; deferred, only for the compile's first."""
+    for out in deferred:
+        assert len(out["per_call", "read before"]) == len(A_STEPS) + len(LOW_STEPS), out["per_call", "read before"]
+        assert out["deferred", "read before"] == ["call 1 of MicroUNet's trajectory (graph of forward)"], out["deferred", "read before"]
+        torch.testing.assert_close(out["deferred", "b"], out["per_call", "b"], rtol=0, atol=0)
+
+
+def test_deferred_checks_report_a_new_image_without_reset_at_its_next_call(deferred):
+    for out in deferred:
+        assert out["unannounced steps"] == 1, out
+        text = out["unannounced"]
+        assert "began a new image" in text and "without districompile.reset(model)" in text and "output is wrong" in text, text
+
+
+def test_deferred_checks_report_disagreeing_ranks_one_call_late(deferred):
+    for out in deferred:
+        # The call that raised at its start did not run: the next one is call 5.
+        for case, call in (("other_sample", 4), ("other_sample_then_reset", 5)):
+            text = out[case]
+            assert f"the ranks disagree at call {call} " in text and "inputs sum" in text and "The call ran" in text, f"{case}: {text}"
+        text = out["reset_alone"]
+        assert "the ranks disagree" in text and "trajectory" in text and "Nothing was exchanged" in text, text
+
+
 # ----------------------------------------------------------------------------- failing ranks
 
 FAIL_AT = 3  # the call at which a rank fails, stops or exits
