@@ -68,6 +68,8 @@ def program_summary(runtime) -> dict:
         summary[phase, "inputs"] = sum(n.op == "placeholder" for n in program.graph.nodes)
         halo_ops = [n for n in program.graph.nodes if n.target is torch.ops.districompile.exchange_rows.default]
         summary[phase, "halo sends packed"] = [packed_flat(n.args[0]) for n in halo_ops]
+        buffers = [n for n in program.graph.nodes if n.meta.get("exchange_buffer")]
+        summary[phase, "buffer readers"] = sorted({str(user.target) for n in buffers for user in n.users})
     return summary
 
 
@@ -194,6 +196,10 @@ def test_displaced_programs(ranks, mode):
     for phase in ("warm-up", "steady"):
         packed = summary[phase, "halo sends packed"]
         assert packed and all(packed), (phase, packed)
+    # Steady, only the exchange ops and snapshots read the buffers: nothing a compiler could
+    # recompute after an exchange op has begun writing them.
+    readers = summary["steady", "buffer readers"]
+    assert readers and all(r.startswith("districompile.exchange_") or r == "districompile.snapshot.default" for r in readers), readers
 
 
 @pytest.mark.parametrize("mode", ("corrected_async_gn", "stale_gn", "separate_gn", "no_sync"))

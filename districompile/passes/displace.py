@@ -10,7 +10,8 @@ graph where the compiler sees them:
 
 Warm-up: exchange (synchronous), then read the fresh values. Steady: read the previous
 call's values, then exchange, asynchronously, with the read in the op's ``after``, so that no
-schedule can move the read past the write. The steady program ends in ``join_exchanges``.
+schedule can move the read past the write; the read takes the buffers through snapshots (opaque
+copies), so no kernel after the op can recompute it from the buffers either. The steady program ends in ``join_exchanges``.
 Fallback and output gathers stay synchronous (``no_sync`` displaces the output gather too).
 """
 
@@ -113,6 +114,14 @@ class _Displacer:
         """For a read made of buffer contents alone: a plain copy would be dropped (``displaced.snapshot``)."""
         return self.call(districompile.snapshot.default, buffer)
 
+    def _readable(self, buffer: fx.Node) -> fx.Node:
+        """What a read takes of a buffer. Steady: a snapshot, so that no kernel but the snapshot reads
+        the buffer. Inductor may recompute a pointwise read inside a consumer it schedules after the
+        exchange op, which by then is writing the buffer: in the first compile of a process (a
+        compile worker's), the corrected all-reduce's ``recv - send + x`` was recomputed so and read
+        this call's half-written total. The op's ``after`` orders the read, not its recomputations."""
+        return self._snapshot(buffer) if self.stale else buffer
+
     def _site(self, kind: str, read, exchange) -> fx.Node:
         """Warm-up: exchange, then read the fresh values. Steady: read, then exchange (after the read)."""
         site = len(self.buffers) // 2 - 1  # the buffers were made just before
@@ -142,7 +151,7 @@ class _Displacer:
         return self._site(
             kind,
             lambda: assemble_halo(
-                self.call, x, shape, plan, chunks(self.call, recv if own_rows else self._snapshot(recv), received), fill,
+                self.call, x, shape, plan, chunks(self.call, self._readable(recv) if own_rows else self._snapshot(recv), received), fill,
                 val.dtype, val.device,
             ),
             lambda wait, after: self.call(
@@ -161,7 +170,7 @@ class _Displacer:
         send, recv = self._buffers(x, math.prod(block), world * math.prod(block))
 
         def read():
-            blocks = chunks(self.call, recv, [block] * world)
+            blocks = chunks(self.call, self._readable(recv), [block] * world)
             blocks[rank] = x
             return join_blocks(self.call, blocks, bounds)
 
@@ -180,7 +189,7 @@ class _Displacer:
             if mode == SEPARATE:  # the others' statistics left out (count 0: they drop out of the merge)
                 entries = [self.call(aten.full.default, shape, 0.0, dtype=val.dtype, device=val.device) for _ in range(world)]
             else:
-                entries = chunks(self.call, recv if mode != STALE else self._snapshot(recv), [shape] * world)
+                entries = chunks(self.call, self._readable(recv) if mode != STALE else self._snapshot(recv), [shape] * world)
             if mode != STALE:
                 entries[self.rank] = x
             return self.call(aten.stack.default, entries)
@@ -200,9 +209,9 @@ class _Displacer:
         def read():
             if not self.stale or self.reduce_mode != CORRECTED:
                 return self.call(aten.view.default, self._snapshot(recv), shape)
-            total = self.call(aten.view.default, recv, shape)
+            total = self.call(aten.view.default, self._readable(recv), shape)
             if op == "sum":  # the previous total, this rank's previous part swapped for its fresh one
-                own = self.call(aten.view.default, send, shape)
+                own = self.call(aten.view.default, self._readable(send), shape)
                 return self.call(aten.add.Tensor, self.call(aten.sub.Tensor, total, own), x)
             return self.call(aten.maximum.default if op == "max" else aten.minimum.default, total, x)
 
