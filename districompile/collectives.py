@@ -5,9 +5,15 @@ process group by name, and work on the canonical 4-d view ``(before, outer, rows
 of a sharded tensor (see ``Shard.canonical_shape``), so one implementation serves every
 layout. Every rank calls every op in the same order, even where it has nothing to send.
 
-Each is a pure function, as its schema says (``mutates_args=()``): it reads its input only
-while it runs and returns a new tensor, with all communication finished. The displaced
-programs' ops, which keep state between calls, are in ``displaced.py``.
+Each is a function, as its schema says (``mutates_args=()``): it reads its input only while it
+runs and returns a new tensor, with all communication finished. The halo exchange
+(``fetch_rows``) takes only the rows it sends, packed by ATen ops in the program
+(``pack_outgoing_rows``), and returns only the rows it receives; the program assembles the halo
+itself (``assemble_halo``), so Inductor can fuse the rows' producer into the assembly, and the
+packing, as it would with no exchange. A rank may receive nothing, so that nothing reads what
+``fetch_rows`` returns: it is marked as having a side effect (its sends), which keeps it in the
+program. The displaced programs' ops, which keep state between calls, are in ``displaced.py``;
+they share the packing and the assembly.
 
 Every exchange op, here and there, takes ``after``: tensors that must exist before it runs.
 ``passes/sequence.py`` puts the previous exchange's result there, so each rank issues its
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -116,27 +123,61 @@ def row_counts(bounds) -> list[int]:
 
 
 # ------------------------------------------------------------------ shared by both families
-# ``call(op, *args)`` runs an ATen op: on tensors (``run``) in the ops below, or emitted as a
-# graph node by the displace pass, which writes the same assembly into the program itself.
+# ``call(op, *args)`` runs an ATen op: on tensors (``run``) in the ops, or emitted as a graph
+# node by the passes, which write the packing and the assembly into the program itself.
 
 
 @contextlib.contextmanager
-def exchanging(what: str, x: torch.Tensor):
-    """Name the exchange in the error of a collective that fails (a peer died, failed or timed out)."""
+def exchanging(what: str, x: torch.Tensor, shape=None):
+    """Name the exchange in the error of a collective that fails (a peer died, failed or timed out),
+    with the shape of the tensor exchanged (``shape``, else ``x``'s) and its dtype."""
     try:
         yield
     except RuntimeError as error:
         if isinstance(error, DistriCompileError):
             raise
-        raise DistriCompileError(f"districompile: the {what} of a {tuple(x.shape)} {x.dtype} tensor failed: {error}") from error
+        shape = tuple(x.shape if shape is None else shape)
+        raise DistriCompileError(f"districompile: the {what} of a {shape} {x.dtype} tensor failed: {error}") from error
 
 
 def run(op, *args, **kwargs):
     return op(*args, **kwargs)
 
 
+def halo_shapes(shape, counts: list[int]) -> list[list[int]]:
+    """The canonical shapes of row blocks of ``counts`` rows of a tensor of canonical ``shape``."""
+    return [[shape[0], shape[1], count, shape[3]] for count in counts]
+
+
+def chunks(call, flat, shapes: list[list[int]]) -> list:
+    """Consecutive views of a flat tensor, one per shape."""
+    views, offset = [], 0
+    for shape in shapes:
+        size = math.prod(shape)
+        views.append(call(aten.view.default, call(aten.slice.Tensor, flat, 0, offset, offset + size), shape))
+        offset += size
+    return views
+
+
+def pack_outgoing_rows(call, x, plan: HaloPlan, dtype, device):
+    """The rows of ``x`` that ``plan`` sends, flat, peer after peer (what the halo ops send), as ATen ops.
+
+    In the program rather than in the op: Inductor computes only these rows, where an op taking all
+    of ``x`` would make it materialise the whole tensor (a SiLU the convolution's input assembly
+    computes anyway) for the sake of a few rows."""
+    flat = [
+        call(aten.reshape.default, call(aten.cat.default, [call(aten.slice.Tensor, x, ROW_DIM, first, first + count)
+                                                           for first, count in runs], ROW_DIM), [-1])
+        for _, runs in plan.sends
+    ]
+    if not flat:
+        return call(aten.full.default, [0], 0.0, dtype=dtype, device=device)
+    return flat[0] if len(flat) == 1 else call(aten.cat.default, flat)
+
+
 def assemble_halo(call, x, shape, plan: HaloPlan, received: list, fill: float, dtype, device):
-    """The fetched rows, top to bottom: this rank's (``x``), received ones and edge fill."""
+    """The fetched rows, top to bottom: this rank's (``x``), received ones (one block per peer of
+    ``plan.receives``) and edge fill."""
     pieces = []
     for source, first, count in plan.segments:
         if source == -2:
@@ -150,11 +191,6 @@ def assemble_halo(call, x, shape, plan: HaloPlan, received: list, fill: float, d
 def join_blocks(call, blocks: list, bounds) -> object:
     """Every rank's row block (each padded to the largest), cut to its rows and joined."""
     return call(aten.cat.default, [call(aten.slice.Tensor, b, ROW_DIM, 0, n) for b, n in zip(blocks, row_counts(bounds))], ROW_DIM)
-
-
-def pack_rows(x: torch.Tensor, runs, out: torch.Tensor) -> torch.Tensor:
-    """The ``runs`` of ``x``'s rows, one after another, written into ``out``."""
-    return torch.cat([x.narrow(ROW_DIM, first, count) for first, count in runs], ROW_DIM, out=out)
 
 
 # torch 2.13 renamed all_gather_into_tensor (deprecated there); torch 2.11 has only the old name.
@@ -173,34 +209,50 @@ def post_p2p(receives, sends, pg) -> list:
 
 @torch.library.custom_op("districompile::fetch_rows", mutates_args=())
 def fetch_rows(
-    x: torch.Tensor,
+    outgoing: torch.Tensor,
+    shape: list[int],
     bounds: list[int],
     need_lo: list[int],
     need_hi: list[int],
     rank: int,
     pad_mode: int,
-    fill: float,
     group: str,
     after: list[torch.Tensor],
 ) -> torch.Tensor:
-    """Rows ``need_lo[rank]:need_hi[rank]`` of the whole image, this rank holding ``bounds[rank]:bounds[rank+1]``.
+    """The halo exchange of a tensor of canonical ``shape``, held by this rank as rows
+    ``bounds[rank]:bounds[rank+1]`` of the image, of which rank ``q`` reads rows
+    ``need_lo[q]:need_hi[q]`` (past the image's edges: padding of ``pad_mode``).
 
-    Rows held by other ranks arrive by point-to-point messages; rows past the image's edges
-    are padded (``pad_mode``). Each rank also sends the rows the others need from it.
+    Sends ``outgoing``, the rows the other ranks read from this one, packed flat by the program
+    (``pack_outgoing_rows``), and returns the rows this rank reads from the others, flat: one
+    block per peer of ``halo_plan(...).receives``, in that order, each of canonical shape. The
+    program assembles them with its own rows and the padding (``assemble_halo``).
     """
     plan = halo_plan(tuple(bounds), tuple(need_lo), tuple(need_hi), rank, pad_mode)
-    b, o, _, a = x.shape
-    received = [x.new_empty(b, o, count, a) for count in plan.receive_rows()]
-    sends = [(peer, pack_rows(x, runs, x.new_empty(b, o, count, a))) for (peer, runs), count in zip(plan.sends, plan.send_rows())]
-    with exchanging(f"halo exchange of rows {need_lo[rank]}:{need_hi[rank]}", x):
-        for work in post_p2p([(peer, t) for (peer, _), t in zip(plan.receives, received)], sends, _resolve_process_group(group)):
+    outgoing = outgoing.contiguous()
+    received = outgoing.new_empty(received_numel(shape, plan))
+    sends = list(zip((peer for peer, _ in plan.sends), chunks(run, outgoing, halo_shapes(shape, plan.send_rows()))))
+    receives = list(zip((peer for peer, _ in plan.receives), chunks(run, received, halo_shapes(shape, plan.receive_rows()))))
+    with exchanging(f"halo exchange of rows {need_lo[rank]}:{need_hi[rank]}", outgoing, shape):
+        for work in post_p2p(receives, sends, _resolve_process_group(group)):
             work.wait()
-    return assemble_halo(run, x, x.shape, plan, received, fill, x.dtype, x.device)
+    return received
+
+
+def received_numel(shape, plan: HaloPlan) -> int:
+    """The elements ``fetch_rows`` returns: every row this rank receives, of canonical ``shape``."""
+    return sum(map(math.prod, halo_shapes(shape, plan.receive_rows())))
 
 
 @fetch_rows.register_fake
-def _(x, bounds, need_lo, need_hi, rank, pad_mode, fill, group, after):
-    return x.new_empty(x.shape[0], x.shape[1], need_hi[rank] - need_lo[rank], x.shape[3])
+def _(outgoing, shape, bounds, need_lo, need_hi, rank, pad_mode, group, after):
+    plan = halo_plan(tuple(bounds), tuple(need_lo), tuple(need_hi), rank, pad_mode)
+    return outgoing.new_empty(received_numel(shape, plan))
+
+
+# It sends: kept even where nothing reads what it returns (a rank that receives nothing), which
+# dead-code elimination (FX's, Inductor's) would otherwise drop, leaving its peers waiting.
+torch.fx.node.has_side_effect(torch.ops.districompile.fetch_rows.default)
 
 
 def padded_block(x: torch.Tensor, rows: int) -> torch.Tensor:

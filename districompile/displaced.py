@@ -23,25 +23,21 @@ they stop with an error instead of returning a wrong image.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
 from .collectives import (
     REDUCE_OPS,
-    ROW_DIM,
-    HaloPlan,
     all_gather_single,
+    chunks,
     exchanging,
     halo_plan,
+    halo_shapes,
     post_p2p,
     run,
 )
 from .errors import DistriCompileError
-
-aten = torch.ops.aten
 
 _OWNED = "_districompile_exchange_buffer"  # marks the buffers the runtime allocated
 
@@ -67,20 +63,6 @@ def _check_owned(op: str, *buffers: torch.Tensor):
             )
 
 
-def chunks(call, flat, shapes: list[list[int]]) -> list:
-    """Consecutive views of a flat buffer, one per shape (``call`` as in ``collectives``)."""
-    views, offset = [], 0
-    for shape in shapes:
-        size = math.prod(shape)
-        views.append(call(aten.view.default, call(aten.slice.Tensor, flat, 0, offset, offset + size), shape))
-        offset += size
-    return views
-
-
-def halo_shapes(shape, counts: list[int]) -> list[list[int]]:
-    return [[shape[0], shape[1], count, shape[3]] for count in counts]
-
-
 def _started(works: list, wait: bool, like: torch.Tensor, what: str) -> torch.Tensor:
     """The op's token: the works are finished (``wait``) or registered against it for the join."""
     token = like.new_empty(0)
@@ -98,33 +80,17 @@ def exchange_rows(
     outgoing: torch.Tensor, send: torch.Tensor, recv: torch.Tensor, shape: list[int], bounds: list[int],
     need_lo: list[int], need_hi: list[int], rank: int, pad_mode: int, group: str, wait: bool, after: list[torch.Tensor],
 ) -> torch.Tensor:
-    """Send the rows that other ranks fetch (``collectives.fetch_rows``) of this rank's tensor of
-    (canonical) ``shape``, packed by the program (``pack_outgoing_rows``), from ``send``; receive
-    theirs into ``recv``."""
+    """``collectives.fetch_rows`` through buffers: send ``outgoing`` (the rows other ranks read of this
+    rank's tensor of canonical ``shape``, packed by the program: ``pack_outgoing_rows``) from
+    ``send``; receive theirs into ``recv``, laid out as ``fetch_rows`` returns them."""
     _check_owned("exchange_rows", send, recv)
     plan = halo_plan(tuple(bounds), tuple(need_lo), tuple(need_hi), rank, pad_mode)
     send.copy_(outgoing)
     sends = list(zip((peer for peer, _ in plan.sends), chunks(run, send, halo_shapes(shape, plan.send_rows()))))
     receives = [(peer, chunk) for (peer, _), chunk in zip(plan.receives, chunks(run, recv, halo_shapes(shape, plan.receive_rows())))]
-    with exchanging("displaced halo exchange", outgoing):
+    with exchanging("displaced halo exchange", outgoing, shape):
         works = post_p2p(receives, sends, _resolve_process_group(group))
     return _started(works, wait, outgoing, "displaced halo exchange")
-
-
-def pack_outgoing_rows(call, x, plan: HaloPlan):
-    """The rows of ``x`` that ``plan`` sends, flat, peer after peer (``send``'s layout), as ATen ops.
-
-    In the graph rather than in the op: Inductor computes only these rows, where an op taking all
-    of ``x`` would make it materialise the whole tensor (a SiLU the convolution's input assembly
-    computes anyway) for the sake of a few rows."""
-    flat = [
-        call(aten.reshape.default, call(aten.cat.default, [call(aten.slice.Tensor, x, ROW_DIM, first, first + count)
-                                                           for first, count in runs], ROW_DIM), [-1])
-        for _, runs in plan.sends
-    ]
-    if not flat:
-        return call(aten.full.default, [0], 0.0, dtype=x.meta["val"].dtype, device=x.meta["val"].device)
-    return flat[0] if len(flat) == 1 else call(aten.cat.default, flat)
 
 
 @torch.library.custom_op("districompile::exchange_blocks", mutates_args=("send", "recv"))

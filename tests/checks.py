@@ -1,5 +1,5 @@
 """Helpers shared by the tests: Dynamo's graph of a model (and that graph compiled by the distri
-backend, called like the model), the exchange ops of a compiled program.
+backend, called like the model), the exchange ops of a compiled program, halo rows packed flat.
 
 Output errors are ``districompile.metrics``, which the examples and benchmarks report too.
 """
@@ -30,6 +30,17 @@ def exchanges(program) -> list[tuple]:
             named = dict(zip((a.name for a in node.target._schema.arguments), node.args))
             rows.append((node.meta["exchange"], str(node.target), node.meta.get("site"), named.get("wait")))
     return rows
+
+
+def packed_flat(node) -> bool:
+    """Whether ``node`` is rows packed flat by ``pack_outgoing_rows``: a ``reshape(..., [-1])``, a
+    ``cat`` of such, or an empty ``full`` for a rank that sends nothing."""
+    aten = torch.ops.aten
+    if node.target is aten.reshape.default:
+        return list(node.args[1]) == [-1]
+    if node.target is aten.cat.default:
+        return all(packed_flat(part) for part in node.args[0])
+    return node.target is aten.full.default and list(node.args[0]) == [0]
 
 
 def graph_caller(gm, inputs, args, kwargs, options):

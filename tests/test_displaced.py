@@ -10,7 +10,7 @@ trajectories restart with the model); the other configurations compile one Dynam
 
 import pytest
 import torch
-from checks import dynamo_graph, exchanges, graph_caller
+from checks import dynamo_graph, exchanges, graph_caller, packed_flat
 from dist import run_ranks
 from models import as_tensor, tiny_sd15_unet
 
@@ -24,6 +24,7 @@ LATER = (150, 125, 100, 75, 50, 25)  # starts where TIMESTEPS ends: the timestep
 WARMUP = 4  # the default warmup_steps
 SYNC_MODES = ("corrected_async_gn", "stale_gn", "separate_gn", "no_sync", "full_sync")
 DISPLACED_KINDS = {"halo", "kv_gather", "stats_allgather", "allreduce"}  # and output_gather in no_sync
+HALO_OPS = (torch.ops.districompile.exchange_rows.default, torch.ops.districompile.fetch_rows.default)  # displaced, synchronous
 
 
 def trajectory(model, x, context, timesteps):
@@ -47,17 +48,6 @@ def ordering(program) -> list[tuple]:
     return rows
 
 
-def packed_flat(node) -> bool:
-    """Whether ``node`` is rows packed flat by ``pack_outgoing_rows``: a ``reshape(..., [-1])``, a
-    ``cat`` of such, or an empty ``full`` for a rank that sends nothing."""
-    aten = torch.ops.aten
-    if node.target is aten.reshape.default:
-        return list(node.args[1]) == [-1]
-    if node.target is aten.cat.default:
-        return all(packed_flat(part) for part in node.args[0])
-    return node.target is aten.full.default and list(node.args[0]) == [0]
-
-
 def program_summary(runtime) -> dict:
     (trajectory,) = runtime.trajectories.values()  # one input shape
     programs = trajectory.programs
@@ -66,7 +56,7 @@ def program_summary(runtime) -> dict:
         summary[phase] = exchanges(program)
         summary[phase, "ordering"] = ordering(program)
         summary[phase, "inputs"] = sum(n.op == "placeholder" for n in program.graph.nodes)
-        halo_ops = [n for n in program.graph.nodes if n.target is torch.ops.districompile.exchange_rows.default]
+        halo_ops = [n for n in program.graph.nodes if n.target in HALO_OPS]
         summary[phase, "halo sends packed"] = [packed_flat(n.args[0]) for n in halo_ops]
         buffers = [n for n in program.graph.nodes if n.meta.get("exchange_buffer")]
         summary[phase, "buffer readers"] = sorted({str(user.target) for n in buffers for user in n.users})
@@ -215,6 +205,14 @@ def test_exchanges_are_sequenced_after_their_reads(ranks, mode):
             read = ["read"] if displaced and phase == "steady" else []
             assert after == read + previous, (phase, i, kind, after)
             assert displaced or buffers == [], (phase, i, kind, buffers)
+
+
+def test_full_sync_halo_exchanges_take_packed_rows(ranks):
+    """As the displaced ones: the synchronous halo exchange is given the rows it sends, packed in the
+    graph (test_graph.py checks what it returns and the assembly)."""
+    for rank, (_, programs) in enumerate(ranks):
+        packed = programs["full_sync"]["synchronous", "halo sends packed"]
+        assert packed and all(packed), (rank, packed)
 
 
 def test_one_compilation_per_phase(ranks):

@@ -11,11 +11,15 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn.functional as F
+from checks import packed_flat
 from models import FACTORIES, hand_unet_a, hand_unet_b
 from torch import nn
+from torch._guards import detect_fake_mode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 import districompile
 from districompile import DistriCompileError
+from districompile.collectives import halo_plan
 
 aten = torch.ops.aten
 FETCH_ROWS = torch.ops.districompile.fetch_rows.default
@@ -120,16 +124,43 @@ def conv_by_kernel(program, kernel: int, stride: int = 1) -> list:
     ]
 
 
+def halo_assembly(conv):
+    """The halo assembly a convolution reads: the ``cat`` tagged ``exchange_read``."""
+    assembly = producer(conv.args[0], aten.cat.default)
+    assert assembly is not None and assembly.meta.get("exchange_read") == "halo", f"{conv.name} reads no fetched rows"
+    return assembly
+
+
 def fetch_for(conv) -> dict:
-    fetch = producer(conv.args[0], FETCH_ROWS)
-    assert fetch is not None, f"{conv.name} reads no fetched rows"
-    return named_args(fetch)
+    """The arguments of the halo exchange whose rows ``conv`` reads: the exchange is written just before
+    its assembly (on a rank that receives nothing, the assembly reads nothing it returns)."""
+    node = halo_assembly(conv)
+    while node.target != FETCH_ROWS:
+        node = node.prev
+    return named_args(node)
 
 
 def rows_above_and_below(fetch: dict, rank: int) -> tuple[int, int]:
     """How many rows the fetch reaches above this rank's first row and below its last."""
     bounds = fetch["bounds"]
     return bounds[rank] - fetch["need_lo"][rank], fetch["need_hi"][rank] - bounds[rank + 1]
+
+
+def propagate_shapes(program):
+    """``meta["val"]`` on every node of a per-rank program, as the displace pass computes it."""
+    inputs = [n.meta["val"] for n in program.graph.nodes if n.op == "placeholder"]
+    FakeTensorProp(program, detect_fake_mode(inputs)).propagate_dont_convert_inputs(*inputs)
+
+
+def readers(node) -> set:
+    """The nodes that read ``node`` through slices and views (the first of each path that is neither)."""
+    found = set()
+    for user in node.users:
+        if user.target in (aten.slice.Tensor, aten.view.default, aten.reshape.default):
+            found |= readers(user)
+        else:
+            found.add(user)
+    return found
 
 
 def aten_node(report, target, shape):
@@ -150,11 +181,14 @@ def local_node(program, source):
 
 
 def exchange_sequence(program) -> list[tuple]:
-    """The exchange calls of a program in order, with what every rank must agree on (not its rank or data)."""
+    """The exchange calls of a program in order, with what every rank must agree on (not its rank, data
+    or number of rows)."""
     sequence = []
     for node in program.graph.nodes:
         if node.op == "call_function" and node.target in EXCHANGE_OPS:
-            args = {k: v for k, v in named_args(node).items() if k not in ("x", "rank")}
+            args = {k: v for k, v in named_args(node).items() if k not in ("x", "outgoing", "rank")}
+            if "shape" in args:  # a halo's canonical shape: (before, outer, this rank's rows, after)
+                args["shape"] = [n for i, n in enumerate(args["shape"]) if i != 2]
             sequence.append((str(node.target), sorted(args.items())))
     return sequence
 
@@ -209,6 +243,40 @@ def test_halo_bytes_count_the_rows_received(report):
     # conv_in reads 4 channels x 12 columns of fp32; each of the 2 ranks receives 1 row.
     (conv_in_halo,) = [e for e in report.exchanges if e.kind == "halo" and e.node == "convolution"]
     assert conv_in_halo.bytes_per_call == 2 * 1 * BATCH * 4 * WIDTH * 4
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_halo_exchange_sends_and_returns_only_the_rows_exchanged(report, report_world3, world):
+    """Every halo exchange op (full_sync's) is given the rows it sends, packed flat by ATen ops in the
+    graph, not the whole tensor, and returns the rows it receives, flat, and only those; the program
+    assembles them with its own rows and the edge padding (a ``cat``), where Inductor can fuse the
+    producer of the rows into it. What the ops receive is what explain counts."""
+    report = {2: report, 3: report_world3}[world]
+    received_bytes = 0
+    for rank in range(world):
+        program = report.plan.program(rank, "g")
+        propagate_shapes(program)
+        fetches = nodes_of(program, FETCH_ROWS)
+        assert len(fetches) == 4
+        for fetch in fetches:
+            args = named_args(fetch)
+            outgoing, shape = args["outgoing"], args["shape"]
+            plan = halo_plan(tuple(args["bounds"]), tuple(args["need_lo"]), tuple(args["need_hi"]), rank, args["pad_mode"])
+            row = shape[0] * shape[1] * shape[3]  # the elements of one row of the canonical view
+            label = f"rank {rank}: {fetch.name}"
+            assert packed_flat(outgoing), label
+            assert list(outgoing.meta["val"].shape) == [sum(plan.send_rows()) * row], label
+            assert list(fetch.meta["val"].shape) == [sum(plan.receive_rows()) * row], label
+            received_bytes += fetch.meta["val"].nbytes
+            assembly = fetch.next
+            while assembly.meta.get("exchange_read") != "halo":
+                assembly = assembly.next
+            assert assembly.target is aten.cat.default, label
+            rows = args["need_hi"][rank] - args["need_lo"][rank]
+            assert list(assembly.meta["val"].shape) == [shape[0], shape[1], rows, shape[3]], label
+            # The received rows go to the assembly alone, as views: no copy of them but the cat.
+            assert readers(fetch) == ({assembly} if plan.receives else set()), label
+    assert received_bytes == sum(e.bytes_per_call for e in report.exchanges if e.kind == "halo")
 
 
 def test_stats_allgather_bytes_count_the_other_ranks_statistics():

@@ -8,10 +8,15 @@ graph where the compiler sees them:
 - the read: the value the consumers use, assembled by ATen ops from this rank's fresh input
   and the other ranks' values in ``recv``.
 
+A halo's two parts are in the synchronous program already (``Emitter.fetch_rows``): the rows
+sent, packed, and the assembly of the rows received, the read, tagged ``exchange_read``. The
+pass only puts ``exchange_rows`` in place of ``fetch_rows`` and has the assembly read ``recv``.
+
 Warm-up: exchange (synchronous), then read the fresh values. Steady: read the previous
 call's values, then exchange, asynchronously, with the read in the op's ``after``, so that no
 schedule can move the read past the write; the read takes the buffers through snapshots (opaque
-copies), so no kernel after the op can recompute it from the buffers either. The steady program ends in ``join_exchanges``.
+copies), so no kernel after the op can recompute it from the buffers either. The steady program
+ends in ``join_exchanges``.
 Fallback and output gathers stay synchronous (``no_sync`` displaces the output gather too).
 """
 
@@ -26,8 +31,7 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from ..collectives import assemble_halo, halo_plan, join_blocks, row_counts
-from ..displaced import chunks, halo_shapes, pack_outgoing_rows
+from ..collectives import chunks, halo_plan, join_blocks, row_counts
 
 aten = torch.ops.aten
 districompile = torch.ops.districompile
@@ -91,9 +95,8 @@ class _Displacer:
                 rewrite = self._blocks
             if rewrite is not None:
                 with self.graph.inserting_before(node):
-                    read = rewrite(kind, node)
-                read.meta["exchange_read"] = kind
-                node.replace_all_uses_with(read)
+                    value = rewrite(kind, node)
+                node.replace_all_uses_with(value)
                 self.graph.erase_node(node)
         if self.tokens:
             self._join_before_output()
@@ -123,7 +126,11 @@ class _Displacer:
         return self._snapshot(buffer) if self.stale else buffer
 
     def _site(self, kind: str, read, exchange) -> fx.Node:
-        """Warm-up: exchange, then read the fresh values. Steady: read, then exchange (after the read)."""
+        """Warm-up: exchange, then read the fresh values. Steady: read, then exchange (after the read).
+
+        ``read()`` writes the read and returns it: the value the exchange's consumers get, or, for
+        a halo, the assembly that the program already holds (see ``_halo``); a steady exchange goes
+        right after it."""
         site = len(self.buffers) // 2 - 1  # the buffers were made just before
 
         def start(wait: bool, after: list) -> fx.Node:
@@ -133,32 +140,38 @@ class _Displacer:
 
         if self.stale:
             value = read()
-            self.tokens.append(start(False, [value]))
-            return value
-        start(True, [])
-        return read()
+            with self.graph.inserting_after(value):
+                self.tokens.append(start(False, [value]))
+        else:
+            start(True, [])
+            value = read()
+        value.meta["exchange_read"] = kind
+        return value
 
     def _halo(self, kind: str, node: fx.Node) -> fx.Node:
-        x, bounds, need_lo, need_hi, rank, pad_mode, fill, group, _ = node.args
-        val = x.meta["val"]
-        shape = list(val.shape)
+        """The program already packs the rows sent and assembles the halo around the exchange
+        (``Emitter.fetch_rows``): the exchange goes through the buffers, and the assembly reads the
+        received rows out of ``recv``. The read is that assembly, the next node tagged
+        ``exchange_read`` after the exchange."""
+        outgoing, shape, bounds, need_lo, need_hi, rank, pad_mode, group, _ = node.args
         plan = halo_plan(tuple(bounds), tuple(need_lo), tuple(need_hi), rank, pad_mode)
-        received = halo_shapes(shape, plan.receive_rows())
-        send, recv = self._buffers(
-            x, sum(map(math.prod, halo_shapes(shape, plan.send_rows()))), sum(map(math.prod, received))
-        )
+        send, recv = self._buffers(node, outgoing.meta["val"].numel(), node.meta["val"].numel())
+        assembly = node.next
+        while assembly.meta.get("exchange_read") != "halo":
+            assert assembly.op != "output", f"{node.name}: no halo assembly follows it"
+            assembly = assembly.next
         own_rows = any(source == -1 for source, _, _ in plan.segments)
-        return self._site(
-            kind,
-            lambda: assemble_halo(
-                self.call, x, shape, plan, chunks(self.call, self._readable(recv) if own_rows else self._snapshot(recv), received), fill,
-                val.dtype, val.device,
-            ),
-            lambda wait, after: self.call(
-                districompile.exchange_rows.default, pack_outgoing_rows(self.call, x, plan), send, recv, shape, bounds,
-                need_lo, need_hi, rank, pad_mode, group, wait, after,
-            ),
-        )
+        received = []
+
+        def read():
+            received.append(self._readable(recv) if own_rows else self._snapshot(recv))
+            return assembly
+
+        self._site(kind, read, lambda wait, after: self.call(
+            districompile.exchange_rows.default, outgoing, send, recv, shape, bounds, need_lo, need_hi, rank, pad_mode,
+            group, wait, after,
+        ))
+        return received[0]
 
     def _blocks(self, kind: str, node: fx.Node) -> fx.Node:
         """Row blocks of every rank (self-attention K/V; ``no_sync``'s output): this rank's always fresh."""
@@ -195,7 +208,9 @@ class _Displacer:
             return self.call(aten.stack.default, entries)
 
         if self.stale and mode == SEPARATE:  # nothing to exchange
-            return read()
+            value = read()
+            value.meta["exchange_read"] = kind
+            return value
         canonical = self.call(aten.view.default, x, [1, 1, 1, numel])
         return self._site(kind, read, lambda wait, after: self.call(
             districompile.exchange_blocks.default, canonical, send, recv, 1, group, wait, after))

@@ -5,7 +5,10 @@ statistics merge included) on one device with no communication, so its time is t
 compute time of a world of N ranks. Foreign rows are zeros, so its output is not the model's.
 
 The stand-ins are custom ops, opaque to Inductor as the exchanges are: Inductor fuses around
-them exactly what it can fuse around the real program's exchanges, and no more.
+them exactly what it can fuse around the real program's exchanges, and no more. A halo's
+stand-in returns zero rows where the exchange returns the rows received; the packing of the rows
+sent and the assembly (this rank's rows, the received ones, the edge padding) are ATen ops of the
+program, the same in both.
 """
 
 from __future__ import annotations
@@ -15,19 +18,22 @@ import copy
 import torch
 import torch.fx as fx
 
-from ..collectives import ROW_DIM, assemble_halo, halo_plan, row_counts, run
+from ..collectives import ROW_DIM, halo_plan, received_numel, row_counts
 
 districompile = torch.ops.districompile
 
 
 @torch.library.custom_op("districompile::local_fetch_rows", mutates_args=())
 def local_fetch_rows(
-    x: torch.Tensor, bounds: list[int], need_lo: list[int], need_hi: list[int], rank: int, pad_mode: int, fill: float,
-    group: str, after: list[torch.Tensor],
+    outgoing: torch.Tensor, shape: list[int], bounds: list[int], need_lo: list[int], need_hi: list[int], rank: int,
+    pad_mode: int, group: str, after: list[torch.Tensor],
 ) -> torch.Tensor:
     plan = halo_plan(tuple(bounds), tuple(need_lo), tuple(need_hi), rank, pad_mode)
-    zeros = [x.new_zeros(x.shape[0], x.shape[1], count, x.shape[3]) for count in plan.receive_rows()]
-    return assemble_halo(run, x, x.shape, plan, zeros, fill, x.dtype, x.device)
+    return outgoing.new_zeros(received_numel(shape, plan))
+
+
+# Kept, like the exchange, where nothing reads what it returns.
+torch.fx.node.has_side_effect(torch.ops.districompile.local_fetch_rows.default)
 
 
 @torch.library.custom_op("districompile::local_gather_rows", mutates_args=())

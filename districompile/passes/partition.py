@@ -13,6 +13,13 @@ import torch
 import torch.fx as fx
 
 from .. import local_ops
+from ..collectives import (
+    assemble_halo,
+    chunks,
+    halo_plan,
+    halo_shapes,
+    pack_outgoing_rows,
+)
 from ..sharding import Replicate, Shard, Spec
 from .capture import NAMING_META
 from .propagate import Propagation
@@ -47,18 +54,31 @@ class Emitter:
         return spec.local_shape(shape, self.rank) if isinstance(spec, Shard) else shape
 
     def fetch_rows(self, local_x: fx.Node, x: fx.Node, need_lo, need_hi, pad_mode: int, fill: float) -> fx.Node:
-        """``local_x`` extended (or trimmed) to global rows ``need_lo[rank]:need_hi[rank]``."""
+        """``local_x`` extended (or trimmed) to global rows ``need_lo[rank]:need_hi[rank]``.
+
+        Written as ATen ops around the exchange, so that Inductor sees them: the rows the other
+        ranks read, packed (``pack_outgoing_rows``); the exchange (``fetch_rows``), which returns
+        only the rows received; their assembly with this rank's rows and the edge padding
+        (``assemble_halo``), tagged ``exchange_read`` (the displace pass finds it by the tag)."""
         spec: Shard = self.specs[x]
-        shape = list(x.meta["val"].shape)
-        canonical = self.call(aten.reshape.default, local_x, spec.canonical_shape(shape, spec.split.rows(self.rank)))
-        fetched = self.exchange(
-            "halo", districompile.fetch_rows.default, canonical, list(spec.split.bounds), list(need_lo), list(need_hi),
-            self.rank, pad_mode, fill, self.group, [],
+        val = x.meta["val"]
+        shape = list(val.shape)
+        canonical_shape = spec.canonical_shape(shape, spec.split.rows(self.rank))
+        canonical = self.call(aten.reshape.default, local_x, canonical_shape)
+        bounds, need_lo, need_hi = list(spec.split.bounds), list(need_lo), list(need_hi)
+        plan = halo_plan(tuple(bounds), tuple(need_lo), tuple(need_hi), self.rank, pad_mode)
+        outgoing = pack_outgoing_rows(self.call, canonical, plan, val.dtype, val.device)
+        received = self.exchange(
+            "halo", districompile.fetch_rows.default, outgoing, canonical_shape, bounds, need_lo, need_hi, self.rank,
+            pad_mode, self.group, [],
         )
+        blocks = chunks(self.call, received, halo_shapes(canonical_shape, plan.receive_rows()))
+        assembled = assemble_halo(self.call, canonical, canonical_shape, plan, blocks, fill, val.dtype, val.device)
+        assembled.meta["exchange_read"] = "halo"
         rows = need_hi[self.rank] - need_lo[self.rank]
         extended = list(shape)
         extended[spec.dim] = spec.outer * rows * spec.inner
-        return self.call(aten.reshape.default, fetched, extended)
+        return self.call(aten.reshape.default, assembled, extended)
 
     def narrow_rows(self, wide: fx.Node, out: Shard, first: int) -> fx.Node:
         """Rows ``first:first + local rows`` of a locally computed (over-wide) spatial result."""
