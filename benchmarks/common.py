@@ -41,12 +41,14 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device, warmup: int, iters: int, before_timing=lambda: None) -> tuple[float, float | None, float]:
+def timed(
+    fn, device, warmup: int, iters: int, before_timing=lambda: None, queued: bool = False
+) -> tuple[float, float | None, float | None]:
     """Median milliseconds per call after a first call (printed), ``before_timing()`` and ``warmup``
     calls: wall time from host to synchronized device, and on CUDA the device time between events
-    around the call; then the mean of ``iters`` calls back to back, synchronized once, as a
-    denoising loop runs them (*queued*: the host may run ahead of the device, unless a call waits
-    for it)."""
+    around the call; with ``queued``, also the mean of ``iters`` calls back to back, synchronized
+    once, as a denoising loop makes them (the host may run ahead of the device, unless a call
+    waits for it)."""
     start = time.perf_counter()
     fn()
     sync(device)
@@ -68,19 +70,23 @@ def timed(fn, device, warmup: int, iters: int, before_timing=lambda: None) -> tu
         wall.append((time.perf_counter() - start) * 1e3)
         if device.type == "cuda":
             on_device.append(begin.elapsed_time(end))
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    sync(device)
-    queued = (time.perf_counter() - start) * 1e3 / iters
-    return statistics.median(wall), statistics.median(on_device) if on_device else None, queued
+    back_to_back = None
+    if queued:
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        sync(device)
+        back_to_back = (time.perf_counter() - start) * 1e3 / iters
+    return statistics.median(wall), statistics.median(on_device) if on_device else None, back_to_back
 
 
 def record_time(row, name, times):
     """``name ms`` (wall), on CUDA ``name GPU ms`` (the stream's time from first to last kernel), and
-    ``name queued ms`` (calls back to back)."""
-    row[f"{name} ms"], on_device, row[f"{name} queued ms"] = times
+    where timed, ``name queued ms`` (calls back to back)."""
+    row[f"{name} ms"], on_device, queued = times
+    if queued is not None:
+        row[f"{name} queued ms"] = queued
     if on_device is not None:
         row[f"{name} GPU ms"] = on_device
 
@@ -101,7 +107,7 @@ def time_mode(row, name: str, fn, timing: dict):
     the timed series, its first call included (with the compile where that call compiles),
     weights included."""
     reset_peak(timing["device"])
-    record_time(row, name, timed(fn, **timing))
+    record_time(row, name, timed(fn, **timing, queued=True))
     record_peak(row, f"{name} peak GiB", timing["device"])
 
 
