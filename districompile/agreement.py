@@ -45,9 +45,9 @@ def shapes_code(args, positions: list[int]) -> int:
     return zlib.crc32(text.encode())
 
 
-def local_row(args, positions, summed, timesteps, sample, last_sample, trajectory: int, call: int) -> torch.Tensor:
+def local_row(args, head: list[int], summed, timesteps, sample, last_sample) -> torch.Tensor:
     """This rank's numbers (``AGREED`` then ``LOCAL``) as one float64 vector on the inputs' device:
-    the shapes of the inputs at ``positions``, the sums of those at ``summed``."""
+    ``head`` (``host_row``), then the sums of the inputs at ``summed``."""
     tensors = [args[i] for i in summed if isinstance(args[i], torch.Tensor)]
     device = tensors[0].device if tensors else torch.device("cpu")
     zero = torch.zeros((), dtype=torch.float64, device=device)
@@ -61,14 +61,15 @@ def local_row(args, positions, summed, timesteps, sample, last_sample, trajector
         moved, norm = zero - 1, zero
     else:
         moved, norm = (sample.double() - last_sample.double()).norm(), last_sample.double().norm()
-    head = torch.tensor(host_row(args, positions, trajectory, call), dtype=torch.float64)
+    head = torch.tensor(head, dtype=torch.float64)
     # From pinned memory: a copy from pageable memory would make the host wait for the device.
     head = head.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else head
     return torch.cat([head, torch.stack([total, squares, timestep, moved, norm])])
 
 
 def host_row(args, positions, trajectory: int, call: int) -> list[int]:
-    """The ``HOST_AGREED`` numbers of ``local_row``, computed on the host alone."""
+    """The ``HOST_AGREED`` numbers, computed on the host alone: the trajectory, the call and the
+    shapes of the inputs at ``positions``."""
     return [trajectory, call, shapes_code(args, positions)]
 
 

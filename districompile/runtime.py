@@ -233,7 +233,8 @@ class DistriRuntime:
             for i in self.data_positions
         )
         if row is not None:
-            inputs += f"; weighted sum {row[AGREED.index('inputs sum')]:.6g}, of squares {row[AGREED.index('inputs sum of squares')]:.6g}"
+            total, squares = row[AGREED.index("inputs sum")], row[AGREED.index("inputs sum of squares")]
+            inputs += f"; weighted sum {total:.6g}, of squares {squares:.6g}"
         return f"{model.name} {self.name}, trajectory {trajectory}, call {calls + 1}: {inputs}"
 
     def __call__(self, *args):
@@ -258,15 +259,15 @@ class DistriRuntime:
         sample = args[self.spatial[0]] if self.spatial else None
         last_sample = compiled.last_sample if compiled is not None and leading else None
         group = self.group() if self.spatial and self.config.check_ranks else None
-        row = local_row(args, self.data_positions, self.fingerprinted, self.timesteps, sample, last_sample, model.restarts, calls)
+        head = host_row(args, self.data_positions, model.restarts, calls)
+        row = local_row(args, head, self.fingerprinted, self.timesteps, sample, last_sample)
         where = f"call {calls + 1} of {model.name}'s trajectory ({self.name})"
-        deferred = self.config.host_checks == "deferred"
-        if deferred and group is not None:  # what the host knows is compared now, on the CPU
+        if self.config.host_checks == "deferred" and group is not None:  # what the host knows is compared now, on the CPU
             hosts = host_group(group)
-            rows = gather_host_rows(host_row(args, self.data_positions, model.restarts, calls), hosts, where)
+            rows = gather_host_rows(head, hosts, where)
             check_ranks_agree(rows, lambda: self.describe(args, model, calls, model.restarts), hosts, where)
         # A new shape is checked whole before it compiles (its compile and first exchanges need ranks that agree).
-        deferred = deferred and compiled is not None
+        deferred = self.config.host_checks == "deferred" and compiled is not None
         if deferred:
             trajectory = model.restarts
             model.pending.append(PendingCheck(

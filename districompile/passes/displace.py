@@ -202,7 +202,7 @@ class _Displacer:
             if mode == SEPARATE:  # the others' statistics left out (count 0: they drop out of the merge)
                 entries = [self.call(aten.full.default, shape, 0.0, dtype=val.dtype, device=val.device) for _ in range(world)]
             else:
-                entries = chunks(self.call, self._readable(recv) if mode != STALE else self._snapshot(recv), [shape] * world)
+                entries = chunks(self.call, self._readable(recv), [shape] * world)  # STALE is steady: a snapshot
             if mode != STALE:
                 entries[self.rank] = x
             return self.call(aten.stack.default, entries)
@@ -224,9 +224,9 @@ class _Displacer:
         def read():
             if not self.stale or self.reduce_mode != CORRECTED:
                 return self.call(aten.view.default, self._snapshot(recv), shape)
-            total = self.call(aten.view.default, self._readable(recv), shape)
+            total = self.call(aten.view.default, self._snapshot(recv), shape)
             if op == "sum":  # the previous total, this rank's previous part swapped for its fresh one
-                own = self.call(aten.view.default, self._readable(send), shape)
+                own = self.call(aten.view.default, self._snapshot(send), shape)
                 return self.call(aten.add.Tensor, self.call(aten.sub.Tensor, total, own), x)
             return self.call(aten.maximum.default if op == "max" else aten.minimum.default, total, x)
 
