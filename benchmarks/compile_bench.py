@@ -7,7 +7,8 @@ that was shipped them would. Both time every call until the first steady call (o
 the phase that runs from then on) and split the first call into stages:
 
 - ``dynamo``: Dynamo's tracing (its ``_compile.compile_inner`` less the backend call);
-- ``plan``: districompile's capture to ATen and its passes;
+- ``plan``: districompile's capture to ATen and its passes, or on a restart, loading their
+  programs from the plan cache (``plan cache hits``);
 - ``lower``: compiling each phase (AOTAutograd and Inductor: ``inductor`` for reduce-overhead,
   which compiles inside the backend call), with Inductor's codegen and the wait for Triton's
   compile workers shown apart; ``wait``: for the worker process compiling the steady phase
@@ -54,9 +55,15 @@ class StageLog(logging.Handler):
         self.stages: dict[str, float] = {}
 
     def emit(self, record):
-        found = re.search(r"(planning|lowering the (\S+) phase|waiting for the worker|withdrawing the compile workers).* took ([\d.]+) s", record.getMessage())
+        found = re.search(
+            r"(planning|loading the per-rank programs|lowering the (\S+) phase|waiting for the worker|withdrawing the compile workers)"
+            r".* took ([\d.]+) s", record.getMessage(),
+        )
         if found:
-            name = {"planning": "plan", "waiting for the worker": "lower wait", "withdrawing the compile workers": "lower withdraw"}
+            name = {
+                "planning": "plan", "loading the per-rank programs": "plan", "waiting for the worker": "lower wait",
+                "withdrawing the compile workers": "lower withdraw",
+            }
             name = name.get(found[1], f"lower {found[2]}")
             self.stages[name] = self.stages.get(name, 0.0) + float(found[3])
 
@@ -100,7 +107,7 @@ def worker(spec: dict) -> dict:
     backend = sum(compilation_time_metrics.get("OutputGraph.call_user_compiler", []))
     result.update(
         calls=seconds, stages=stage_log.stages, dynamo=dynamo - backend, backend=backend, **timer,
-        cache={k: v for k, v in {**counters["inductor"], **counters["aot_autograd"]}.items() if "cache" in k},
+        cache={k: v for k, v in {**counters["inductor"], **counters["aot_autograd"], **counters["districompile"]}.items() if "cache" in k},
     )
     dist.destroy_process_group()
     return result
@@ -127,7 +134,7 @@ def measure(spec: dict, timeout: float, log_dir: str) -> dict:
 
 def row(mode: str, size: int, kind: str, r: dict) -> list[str]:
     if "error" in r:
-        return [mode, str(size), kind, r["error"]] + [""] * 8
+        return [mode, str(size), kind, r["error"]] + [""] * 9
     stages = r["stages"]
     lower = sum(v for k, v in stages.items() if k.startswith("lower")) if stages else r["backend"]
     # In the order they ran; "wait": for the compile worker of the next phase.
@@ -135,10 +142,11 @@ def row(mode: str, size: int, kind: str, r: dict) -> list[str]:
     phases = phases or f"{r['backend']:.1f}"
     hits = r["cache"].get("fxgraph_cache_hit", 0)
     misses = r["cache"].get("fxgraph_cache_miss", 0)
+    plans = r["cache"].get("plan_cache_hit", 0), r["cache"].get("plan_cache_miss", 0)
     return [
         mode, str(size), kind, f"{r['load']:.1f}", f"{r['dynamo']:.1f}", f"{stages.get('plan', 0.0):.1f}",
         f"{lower:.1f} ({phases})", f"{r['codegen']:.1f}", f"{r['triton wait']:.1f}", f"{r['calls'][0]:.1f}",
-        f"{sum(r['calls']):.1f}", f"{hits}/{hits + misses}",
+        f"{sum(r['calls']):.1f}", f"{hits}/{hits + misses}", f"{plans[0]}/{sum(plans)}" if sum(plans) else "",
     ]
 
 
@@ -158,7 +166,7 @@ def main():
         print("RESULT " + json.dumps(worker(json.loads(opts.worker))), flush=True)
         return
     header = ["mode", "size", "process", "load s", "dynamo s", "plan s", "lower s (per phase)", "codegen s",
-              "triton wait s", "1st call s", "1st steady s", "FX cache hits"]
+              "triton wait s", "1st call s", "1st steady s", "FX cache hits", "plan cache hits"]
     rows = []
     for size in opts.sizes:
         for mode in opts.modes:

@@ -42,24 +42,32 @@ _LOCAL_KINDS = ("slice", "output_gather")
 _GROUPS: dict[str, tuple[int, dist.ProcessGroup, dist.ProcessGroup]] = {}
 
 
-@dataclass
-class BatchPlan:
-    """A graph's batch split at one input shape, for either half; needs no process group (``explain``)."""
+@dataclass(frozen=True)
+class BatchLayout:
+    """Where the batch lies in a graph's inputs and outputs: all a call needs to slice its inputs
+    and gather its outputs (kept in the plan cache with the programs)."""
 
     batch: int
     sliced_inputs: tuple[int, ...]  # positions of the inputs that carry the batch along dim 0
-    aten_gm: fx.GraphModule  # the whole batch's graph
-    propagation: Propagation  # where the batch lies in every node
     # Position among the flattened outputs -> (where the batch lies, whole shape), for outputs that carry it.
     batched_outputs: dict[int, tuple[Shard, list[int]]]
-
-    def program(self, half: int) -> fx.GraphModule:
-        """The graph of one half: it takes that half of each sliced input, returns that half of each batched output."""
-        return partition(self.aten_gm, self.propagation, half, 2, "", whole_io=False)
 
     def half_inputs(self, args, half: int) -> list:
         size = self.batch // 2
         return [x[half * size : (half + 1) * size] if i in self.sliced_inputs else x for i, x in enumerate(args)]
+
+
+@dataclass
+class BatchPlan:
+    """A graph's batch split at one input shape, for either half; needs no process group (``explain``)."""
+
+    layout: BatchLayout
+    aten_gm: fx.GraphModule  # the whole batch's graph
+    propagation: Propagation  # where the batch lies in every node
+
+    def program(self, half: int) -> fx.GraphModule:
+        """The graph of one half: it takes that half of each sliced input, returns that half of each batched output."""
+        return partition(self.aten_gm, self.propagation, half, 2, "", whole_io=False)
 
 
 def plan_batch_split(dynamo_gm: fx.GraphModule, args, spatial: list[int], world: int, config: DistriConfig) -> BatchPlan | None:
@@ -94,7 +102,7 @@ def plan_batch_split(dynamo_gm: fx.GraphModule, args, spatial: list[int], world:
         for i, node in enumerate(pytree.tree_leaves(output.args[0]))
         if isinstance(propagation.specs.get(node), Shard)
     }
-    return BatchPlan(batch, sliced, aten_gm, propagation, batched_outputs)
+    return BatchPlan(BatchLayout(batch, sliced, batched_outputs), aten_gm, propagation)
 
 
 def _unsplit(reason: str) -> None:
@@ -104,40 +112,31 @@ def _unsplit(reason: str) -> None:
 
 @dataclass(frozen=True)
 class BatchSplit:
-    """This rank's part of a batch split: its half, its groups and the graph of its half."""
+    """This rank's part of a batch split: its half and its groups."""
 
     half: int  # 0: the first half of the batch, 1: the second
     patch_group: dist.ProcessGroup  # the ranks of this half
     pair_group: dist.ProcessGroup  # this rank and its counterpart in the other half
-    program: fx.GraphModule  # the graph of this half, to plan patch-parallel over the patch group
-    batch_plan: BatchPlan
+    layout: BatchLayout
 
     def slice_inputs(self, args) -> list:
-        return self.batch_plan.half_inputs(args, self.half)
+        return self.layout.half_inputs(args, self.half)
 
     def gather_outputs(self, outputs):
         """Every batched output made whole again: the two halves' parts, all-gathered over the pair."""
         leaves, tree = pytree.tree_flatten(outputs)
-        for i, (spec, shape) in self.batch_plan.batched_outputs.items():
+        for i, (spec, shape) in self.layout.batched_outputs.items():
             # A parent's ranks ascend with the global ranks (new_group sorts them): in the pair, half h is rank h.
             canonical = leaves[i].reshape(spec.canonical_shape(shape, spec.split.rows(self.half)))
             leaves[i] = gather_rows(canonical, list(spec.split.bounds), self.half, self.pair_group.group_name, []).reshape(shape)
         return pytree.tree_unflatten(leaves, tree)
 
 
-def batch_split(
-    dynamo_gm: fx.GraphModule, args, spatial: list[int], config: DistriConfig, group: dist.ProcessGroup
-) -> BatchSplit | None:
-    """This rank's batch split for a call with ``args``, or None where none applies."""
-    batch_plan = plan_batch_split(dynamo_gm, args, spatial, dist.get_world_size(group), config)
-    if batch_plan is None:
-        return None
+def batch_split(layout: BatchLayout, group: dist.ProcessGroup) -> BatchSplit:
+    """This rank's part of the split of ``layout``'s batch over ``group`` (the groups are created
+    once per parent: a collective of its ranks)."""
     half, patch_group, pair_group = _split_groups(group)
-    log.info(
-        "districompile: split_batch: a batch of %d split in two halves of %d ranks each; this rank runs half %d",
-        batch_plan.batch, dist.get_world_size(patch_group), half,
-    )
-    return BatchSplit(half, patch_group, pair_group, batch_plan.program(half), batch_plan)
+    return BatchSplit(half, patch_group, pair_group, layout)
 
 
 def _split_groups(parent: dist.ProcessGroup) -> tuple[int, dist.ProcessGroup, dist.ProcessGroup]:

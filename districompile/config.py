@@ -66,6 +66,15 @@ class DistriConfig:
         """False for the seam baseline: each rank runs its patch alone."""
         return self.parallelism == "patch"
 
+    @property
+    def displaced(self) -> bool:
+        """Two phases: synchronous warm-up calls, then steady ones that read the previous call's exchanges."""
+        return self.sync_mode != "full_sync" and self.exchanges
+
+    def program_options(self) -> tuple:
+        """The options the per-rank programs depend on (``PROGRAM_OPTIONS``): part of the plan cache's key."""
+        return tuple((name, getattr(self, name)) for name in PROGRAM_OPTIONS)
+
     @classmethod
     def from_options(cls, options=None, **overrides) -> DistriConfig:
         if isinstance(options, DistriConfig):
@@ -76,6 +85,14 @@ class DistriConfig:
         if unknown:
             raise ValueError(f"districompile: unknown option(s) {unknown}; known: {sorted(known)}")
         return cls(**options)
+
+
+# What each option changes. A new option must be listed in one (tests/test_plan_cache.py checks),
+# so that no option that changes the programs is left out of the plan cache's key.
+PROGRAM_OPTIONS = ("sync_mode", "parallelism", "split_batch", "spatial_inputs", "token_grids", "single_rank_exchanges")
+RUN_OPTIONS = (  # how the programs are lowered, run and checked; ``group`` enters the key by its name, rank and size
+    "warmup_steps", "lowering", "cuda_graphs", "group", "check_ranks", "host_checks", "timeout", "compile_workers", "progress",
+)
 
 
 def _token_grid_pairs(token_grids) -> tuple[tuple[str, tuple[int, int]], ...]:

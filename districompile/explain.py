@@ -130,7 +130,7 @@ def explain(model, *args, world_size: int, verbose: bool = True, sites: bool = F
     gm, inputs, spatial = captured["gm"], captured["inputs"], captured["spatial"]
     batch_plan = plan_batch_split(gm, inputs, spatial, world_size, config)
     if batch_plan is not None:  # plan what one half of the ranks runs
-        gm, inputs, world_size = batch_plan.program(0), batch_plan.half_inputs(inputs, 0), world_size // 2
+        gm, inputs, world_size = batch_plan.program(0), batch_plan.layout.half_inputs(inputs, 0), world_size // 2
     model_plan = plan(gm, inputs, spatial, world_size, config.exchanges, config.single_rank_exchanges)
     prop = model_plan.propagation
     report = ExplainReport(

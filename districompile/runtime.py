@@ -30,14 +30,13 @@ from .agreement import (
 from .backends import compile_workers
 from .backends.cudagraphs import PhaseGraph
 from .backends.lowering import lower, on_cuda
+from . import plan_cache
 from .batch_split import batch_split
-from .compiler import plan
+from .compiler import RankPrograms, rank_programs
 from .config import DistriConfig
 from .displaced import allocate_buffers
 from .errors import DistriCompileError
 from .passes.annotate import PACKED_TOKENS_FIX, input_names, spatial_inputs, timestep_inputs, token_sequences
-from .passes.displace import displace
-from .passes.sequence import sequence_exchanges
 from .trajectory import NEW_SAMPLE_JUMP, ModelLookup, ModelRuntime, Trajectory, model_runtimes
 
 log = logging.getLogger(__name__)
@@ -101,7 +100,7 @@ class DistriRuntime:
 
     @property
     def displaced(self) -> bool:
-        return self.config.sync_mode != "full_sync" and self.config.exchanges
+        return self.config.displaced
 
     @property
     def trajectories(self) -> dict[tuple, Trajectory]:
@@ -165,38 +164,56 @@ class DistriRuntime:
                 )
             lowered = self._lower(self.dynamo_gm, args, "unsplit", None, 0)
             return Trajectory({"unsplit": self.dynamo_gm}, {"unsplit": lowered}, [], 0, None)
-        group, graph = self.group(), self.dynamo_gm
-        with self._stage(f"{self.name}: planning the per-rank programs (capture, batch split, propagate, partition, displace)"):
-            split = batch_split(self.dynamo_gm, args, self.spatial, self.config, group)
-            if split is not None:  # the phases run this rank's half of the batch over its half of the ranks
-                self._bound_waits(split.patch_group, split.pair_group)
-                group, graph, args = split.patch_group, split.program, split.slice_inputs(args)
-            rank, world = dist.get_rank(group), dist.get_world_size(group)
-            model_plan = plan(graph, list(args), self.spatial, world, self.config.exchanges, self.config.single_rank_exchanges)
-            program = model_plan.program(rank, group.group_name)
-            log.info("districompile: rows split %s over %d ranks", list(model_plan.split.bounds), world)
-            if not self.displaced:
-                programs, buffers, warmup_steps = {"synchronous": program}, [], 0
-            else:
-                phases = displace(program, self.config.sync_mode, rank)
-                programs, buffers = {"warm-up": phases.warmup, "steady": phases.steady}, allocate_buffers(phases.buffers)
-                warmup_steps = max(self.config.warmup_steps, 1)  # stale values need one synchronous call to exist
-            for phase, phase_program in programs.items():
-                sequence_exchanges(phase_program)
-                graph_log.debug(
-                    "districompile rank %d/%d %s program:\n%s", rank, world, phase, phase_program.print_readable(print_output=False)
-                )
+        group = self.group()
+        planned = self._rank_programs(args, group)
+        split = batch_split(planned.layout, group) if planned.layout is not None else None
+        if split is not None:  # the phases run this rank's half of the batch over its half of the ranks
+            self._bound_waits(split.patch_group, split.pair_group)
+            args = split.slice_inputs(args)
+            log.info(
+                "districompile: split_batch: a batch of %d split in two halves of %d ranks each; this rank runs half %d",
+                planned.layout.batch, dist.get_world_size(split.patch_group), split.half,
+            )
+        log.info("districompile: rows split %s over %d ranks", list(planned.bounds), len(planned.bounds) - 1)
+        buffers = allocate_buffers(planned.buffers)
+        warmup_steps = max(self.config.warmup_steps, 1) if self.displaced else 0  # stale values need one synchronous call to exist
         # The phases share one CUDA graph memory pool: they never run at once.
-        pool = torch.cuda.graph_pool_handle() if on_cuda(args) and len(programs) > 1 else None
-        inputs = [*args, *buffers]
-        lowered = self._lower_phases(programs, inputs, pool, len(buffers))
-        return Trajectory(programs, lowered, buffers, warmup_steps, split)
+        pool = torch.cuda.graph_pool_handle() if on_cuda(args) and len(planned.programs) > 1 else None
+        lowered = self._lower_phases(planned.programs, [*args, *buffers], pool, len(buffers))
+        return Trajectory(planned.programs, lowered, buffers, warmup_steps, split)
+
+    def _rank_programs(self, args, group) -> RankPrograms:
+        """This rank's programs, from the plan cache where it holds them; through Inductor they are
+        code-only copies (``compile_workers.portable``), as a compile worker receives them."""
+        entry_key = None
+        if plan_cache.enabled(self.config):
+            rank, world = dist.get_rank(group), dist.get_world_size(group)
+            entry_key = plan_cache.key(self.dynamo_gm, args, self.config, rank, world, group.group_name)
+        planned = None
+        if entry_key is not None and plan_cache.holds(entry_key):
+            with self._stage(f"{self.name}: loading the per-rank programs from the plan cache"):
+                planned = plan_cache.load(entry_key, group)
+        if planned is not None:
+            for warning in planned.warnings:
+                log.warning("%s", warning)
+        else:
+            with self._stage(f"{self.name}: planning the per-rank programs (capture, batch split, propagate, partition, displace)"):
+                planned = rank_programs(self.dynamo_gm, args, self.spatial, self.config, group)
+                if entry_key is not None:
+                    planned = plan_cache.store(entry_key, planned)
+                elif self.config.lowering == "inductor":
+                    planned.programs = {phase: compile_workers.portable(p) for phase, p in planned.programs.items()}
+        if graph_log.isEnabledFor(logging.DEBUG):
+            for phase, program in planned.programs.items():
+                graph_log.debug(
+                    "districompile rank %d/%d %s program:\n%s", dist.get_rank(), dist.get_world_size(), phase,
+                    program.print_readable(print_output=False),
+                )
+        return planned
 
     def _lower_phases(self, programs: dict, inputs: list, pool, persistent: int) -> dict:
         """Each phase, lowered; through Inductor, the phases after the first compiled meanwhile by
         worker processes (``compile_workers``), then loaded here from Inductor's cache."""
-        if self.config.lowering == "inductor":
-            programs = {phase: compile_workers.portable(p) for phase, p in programs.items()}
         workers = compile_workers.start_workers(programs, inputs) if compile_workers.wanted(programs, self.config) else {}
         lowered = {}
         try:

@@ -1,7 +1,7 @@
-"""A restarted process compiles from Inductor's caches: the per-rank programs are plain ATen and
+"""A restarted process compiles from the caches: the per-rank programs are plain ATen and
 districompile exchange ops, compiled under a tracing context with a shape env, so AOTAutograd's
 cache and Inductor's FX graph cache both key them, and a second process loads every phase
-instead of compiling it.
+instead of compiling it, and the programs themselves from the plan cache instead of planning.
 
 Counted through the caches' own counters, in fresh processes with empty cache directories of
 their own: the first compiles and saves its portable cache artifacts (``districompile.warm.save``),
@@ -68,6 +68,7 @@ def compile_and_count(rank, world_size, cache_dir, artifacts, restart, workers, 
         "eager": eager,
         "inductor": {k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache")},
         "aot": {k: v for k, v in counters["aot_autograd"].items() if k.startswith("autograd_cache")},
+        "plans": dict(counters["districompile"]),
         "worker_cache_hits": sum(runtime.worker_cache_hits for runtime in districompile.runtimes(model)),
         "warnings": warnings,
     }
@@ -84,6 +85,9 @@ def test_second_process_compiles_every_phase_from_the_caches(tmp_path):
     assert restarted["worker_cache_hits"] == 0, restarted
     assert restarted["aot"] == {"autograd_cache_hit": PHASES}, restarted
     assert restarted["inductor"] == {"fxgraph_cache_hit": PHASES}, restarted
+    # The per-rank programs too: planned once, shipped in the artifacts, loaded (districompile.plan_cache).
+    assert cold["plans"] == {"plan_cache_miss": 1}, cold
+    assert restarted["plans"] == {"plan_cache_hit": 1}, restarted
     for run in (cold, restarted):
         assert run["warnings"] == [], run["warnings"]
     for fresh, loaded in zip(cold["outputs"], restarted["outputs"]):

@@ -14,7 +14,8 @@ These hold for any correct implementation, whatever its schedule: the displaced 
 under Inductor broke the first one (issue 10: Inductor reused the memory of a tensor that an
 exchange was still sending). One spawn per world traces each model once with Dynamo and
 compiles every configuration of that graph through the backend; the tests check the
-outputs. Inductor compiles every kernel of a program with a C++ compiler, seconds each on a CPU:
+outputs. Under Inductor the configurations that share programs (same mode, other ways to run it)
+load them from the plan cache, so the invariants cover planned and loaded programs alike. Inductor compiles every kernel of a program with a C++ compiler, seconds each on a CPU:
 its cases use the smallest models, and each world covers a batch kind once (see ``RUNS``).
 """
 
@@ -23,24 +24,30 @@ import os
 import pytest
 import torch
 from checks import dynamo_graph
+from torch._dynamo.utils import counters
 from dist import run_ranks
 from models import as_tensor, micro_sd_unet, micro_sdxl_unet, micro_unet
 
 from districompile import DistriCompileError
 from districompile.backends.distri import distri_backend
 from districompile.metrics import relative_error
+from districompile.runtime import settle_checks
 
 EXACT = 1e-5  # fp32: a different program (fusions, summation order) for the same function
 ONE_PROCESS = 1e-4  # the tolerance of the other full_sync tests
 WARMUP, CALLS = 2, 5  # two warm-up calls, then three steady ones: the second reads what the first sent
 STALE_ONLY = ("corrected_async_gn", "stale_gn", "no_sync")
 INDUCTOR_ONLY = ("compile_workers",)
+DEFAULT_PROGRAMS = ("deferred_checks",)  # corrected_async_gn's programs, run another way
 ALL_MODES = {
     "full_sync": {"sync_mode": "full_sync"},
     # The default mode, its steady phase compiled in a process of its own (a compile worker), as
     # SDXL's is, and before the same program is in the cache: there, in the first compile of its
     # process, Inductor once recomputed a read of the buffers after the exchange had begun.
     "compile_workers": {"sync_mode": "corrected_async_gn", "compile_workers": True},
+    # The default mode as parallelize(pipe) runs it: the ranks' device rows read a call late, so
+    # the host queues calls without waiting (its compiled programs are corrected_async_gn's).
+    "deferred_checks": {"sync_mode": "corrected_async_gn", "host_checks": "deferred"},
     **{mode: {"sync_mode": mode} for mode in (*STALE_ONLY, "separate_gn")},
     "naive_patch": {"parallelism": "naive_patch"},
 }
@@ -79,14 +86,18 @@ def _run(rank, world, cache_dir):
                 for mode in modes:
                     options = {**ALL_MODES[mode], "lowering": lowering, "split_batch": split, "warmup_steps": WARMUP}
                     runtime = distri_backend(gm, inputs, options)
+                    counters["districompile"].clear()
                     try:
                         outputs = [runtime(*inputs)[0] for _ in range(CALLS)]
+                        for model_runtime in runtime.served:
+                            settle_checks(model_runtime)  # the last call's deferred checks: ranks that disagreed raise
                     except DistriCompileError as error:
                         results[lowering, name, batch, split, mode] = {"refused": str(error)}
                         continue
                     (trajectory,) = runtime.trajectories.values()
                     results[lowering, name, batch, split, mode] = {
                         "outputs": outputs, "phases": trajectory.phase_calls, "split": trajectory.batch_split is not None,
+                        "plans": dict(counters["districompile"]),
                     }
     return results, references
 
@@ -115,7 +126,7 @@ def test_full_sync_equals_one_process(ranks):
         assert result["phases"] == {"synchronous": CALLS}, label
 
 
-@pytest.mark.parametrize("mode", STALE_ONLY + INDUCTOR_ONLY)
+@pytest.mark.parametrize("mode", STALE_ONLY + INDUCTOR_ONLY + DEFAULT_PROGRAMS)
 def test_every_call_equals_full_sync(ranks, mode):
     for _, label, result, full_sync, _ in cases(ranks, mode):
         assert result["phases"] == {"warm-up": WARMUP, "steady": CALLS - WARMUP}, label
@@ -165,6 +176,24 @@ def test_every_rank_returns_the_same_output(ranks, mode):
             if key[-1] == mode and "outputs" in result:
                 for call, (out, out0) in enumerate(zip(result["outputs"], first[key]["outputs"])):
                     torch.testing.assert_close(out, out0, rtol=0, atol=0, msg=f"rank {rank} {key} call {call} against rank 0")
+
+
+def test_programs_planned_once_are_loaded_from_the_plan_cache(ranks):
+    """Under Inductor the default mode's programs are planned by its ``compile_workers`` run, which
+    comes first, and loaded from the plan cache by ``deferred_checks`` and ``corrected_async_gn``:
+    those invariants hold for loaded programs, the ``compile_workers`` ones for planned programs."""
+    world, per_rank = ranks
+    loaded = 0
+    for rank, (results, _) in enumerate(per_rank):
+        for (lowering, name, batch, split, mode), result in results.items():
+            label = f"world {world} rank {rank}: {lowering} {name} batch {batch} split_batch={split} {mode}"
+            if lowering == "eager" or "refused" in result:
+                assert result.get("plans", {}) == {}, label  # the plan cache serves the Inductor lowering only
+                continue
+            planned_before = mode in ("deferred_checks", "corrected_async_gn") and (lowering, name, batch, split, "compile_workers") in results
+            assert result["plans"] == {"plan_cache_hit" if planned_before else "plan_cache_miss": 1}, label
+            loaded += planned_before
+    assert loaded
 
 
 def test_batch_split_ran_where_it_applies(ranks):
