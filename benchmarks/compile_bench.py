@@ -3,7 +3,8 @@
 Each measurement is a fresh process. *Cold*: an empty Inductor cache directory; it compiles,
 then saves its portable cache artifacts (``districompile.warm.save``). *Restart*: another empty
 cache directory, the artifacts loaded first (``districompile.warm.load``), as a fresh container
-that was shipped them would. Both time every call until the first steady call (one that replays
+that was shipped them would. *Restart-replanned* (``--replanned``): the same with the plan cache's
+entries dropped after loading, so the programs are planned again, as before the plan cache. Both time every call until the first steady call (one that replays
 the phase that runs from then on) and split the first call into stages:
 
 - ``dynamo``: Dynamo's tracing (its ``_compile.compile_inner`` less the backend call);
@@ -33,6 +34,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -71,7 +73,7 @@ class StageLog(logging.Handler):
 def worker(spec: dict) -> dict:
     import torch.distributed as dist
 
-    from districompile import warm
+    from districompile import plan_cache, warm
     from districompile.unets import SDXL, TINY_SDXL, sdxl_unet
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -85,6 +87,8 @@ def worker(spec: dict) -> dict:
         start = time.perf_counter()
         result["loaded"] = warm.load(spec["artifacts"])
         result["load"] = time.perf_counter() - start
+        if not spec["plans"]:  # the restart before the plan cache: its entries dropped, the programs planned again
+            shutil.rmtree(plan_cache.directory(), ignore_errors=True)
     if spec["mode"] == "reduce-overhead":
         compiled, calls = torch.compile(unet, mode="reduce-overhead"), 3  # compile, warm up, record: then replays
     else:
@@ -114,7 +118,7 @@ def worker(spec: dict) -> dict:
 
 
 def measure(spec: dict, timeout: float, log_dir: str) -> dict:
-    name = f"{spec['mode']}-{spec['size']}-{'restart' if spec['restart'] else 'cold'}"
+    name = f"{spec['mode']}-{spec['size']}-{kind(spec)}"
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="inductor-")}
     command = [sys.executable, __file__, "--worker", json.dumps(spec)]
     try:
@@ -130,6 +134,10 @@ def measure(spec: dict, timeout: float, log_dir: str) -> dict:
     if done.returncode or not results:
         return {"error": f"exit {done.returncode}: {(done.stderr.strip().splitlines() or [''])[-1][:120]}"}
     return json.loads(results[-1][len("RESULT "):])
+
+
+def kind(spec: dict) -> str:
+    return "cold" if not spec["restart"] else "restart" if spec["plans"] else "restart-replanned"
 
 
 def row(mode: str, size: int, kind: str, r: dict) -> list[str]:
@@ -161,6 +169,8 @@ def main():
     parser.add_argument("--artifacts", help="keep each mode and size's cache artifacts in a folder here "
                         "(MODE-SIZE), e.g. for profile_phase.py --load-artifacts")
     parser.add_argument("--logs", default=os.environ.get("OUT", "."), help="each measurement's output goes here")
+    parser.add_argument("--replanned", action="store_true", help="also restart without the plan cache's entries "
+                        "(the programs planned again, as before the plan cache): 'restart-replanned'")
     opts = parser.parse_args()
     if opts.worker:
         print("RESULT " + json.dumps(worker(json.loads(opts.worker))), flush=True)
@@ -171,11 +181,12 @@ def main():
     for size in opts.sizes:
         for mode in opts.modes:
             artifacts = os.path.join(opts.artifacts, f"{mode}-{size}") if opts.artifacts else tempfile.mkdtemp(prefix="artifacts-")
-            for restart in (False, True):
-                spec = dict(mode=mode, size=size, model=opts.model, dtype=opts.dtype, restart=restart,
+            runs = [(False, True), (True, True)] + [(True, False)] * opts.replanned
+            for restart, plans in runs if mode != "reduce-overhead" else runs[:2]:
+                spec = dict(mode=mode, size=size, model=opts.model, dtype=opts.dtype, restart=restart, plans=plans,
                             artifacts=artifacts, port=29600 + len(rows))
                 result = measure(spec, opts.timeout, opts.logs)
-                rows.append(row(mode, size, "restart" if restart else "cold", result))
+                rows.append(row(mode, size, kind(spec), result))
                 print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     print(f"\n{opts.model}, batch 2, {opts.dtype}, {device}, torch {torch.__version__}; seconds")

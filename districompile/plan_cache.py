@@ -138,10 +138,15 @@ def _exchange_group(entry: RankPrograms, group: dist.ProcessGroup) -> str:
     return batch_split(entry.layout, group).patch_group.group_name
 
 
-def _path(entry_key: str) -> Path:
+def directory() -> Path:
+    """Where the entries are: beside Inductor's caches (``TORCHINDUCTOR_CACHE_DIR``)."""
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
-    return Path(cache_dir()) / "districompile_plans" / f"{entry_key}.pkl"
+    return Path(cache_dir()) / "districompile_plans"
+
+
+def _path(entry_key: str) -> Path:
+    return directory() / f"{entry_key}.pkl"
 
 
 def _write(entry_key: str, content: bytes):

@@ -96,6 +96,7 @@ class DistriRuntime:
         self.served: weakref.WeakSet[ModelRuntime] = weakref.WeakSet()
         self.timed_groups: set[str] = set()
         self.compilations = 0
+        self.workers_started = 0  # compile worker processes
         self.worker_cache_hits = 0  # phases loaded from the cache a compile worker filled
 
     @property
@@ -165,7 +166,7 @@ class DistriRuntime:
             lowered = self._lower(self.dynamo_gm, args, "unsplit", None, 0)
             return Trajectory({"unsplit": self.dynamo_gm}, {"unsplit": lowered}, [], 0, None)
         group = self.group()
-        planned = self._rank_programs(args, group)
+        planned, loaded = self._rank_programs(args, group)
         split = batch_split(planned.layout, group) if planned.layout is not None else None
         if split is not None:  # the phases run this rank's half of the batch over its half of the ranks
             self._bound_waits(split.patch_group, split.pair_group)
@@ -179,12 +180,15 @@ class DistriRuntime:
         warmup_steps = max(self.config.warmup_steps, 1) if self.displaced else 0  # stale values need one synchronous call to exist
         # The phases share one CUDA graph memory pool: they never run at once.
         pool = torch.cuda.graph_pool_handle() if on_cuda(args) and len(planned.programs) > 1 else None
-        lowered = self._lower_phases(planned.programs, [*args, *buffers], pool, len(buffers))
+        # Programs loaded from the plan cache are a restart's: their phases are in Inductor's caches
+        # (shipped with them), and a compile worker would only be withdrawn.
+        workers = not loaded and compile_workers.wanted(planned.programs, self.config)
+        lowered = self._lower_phases(planned.programs, [*args, *buffers], pool, len(buffers), workers)
         return Trajectory(planned.programs, lowered, buffers, warmup_steps, split)
 
-    def _rank_programs(self, args, group) -> RankPrograms:
-        """This rank's programs, from the plan cache where it holds them; through Inductor they are
-        code-only copies (``compile_workers.portable``), as a compile worker receives them."""
+    def _rank_programs(self, args, group) -> tuple[RankPrograms, bool]:
+        """This rank's programs, and whether they came from the plan cache; through Inductor they
+        are code-only copies (``compile_workers.portable``), as a compile worker receives them."""
         entry_key = None
         if plan_cache.enabled(self.config):
             rank, world = dist.get_rank(group), dist.get_world_size(group)
@@ -193,7 +197,8 @@ class DistriRuntime:
         if entry_key is not None and plan_cache.holds(entry_key):
             with self._stage(f"{self.name}: loading the per-rank programs from the plan cache"):
                 planned = plan_cache.load(entry_key, group)
-        if planned is not None:
+        loaded = planned is not None
+        if loaded:
             for warning in planned.warnings:
                 log.warning("%s", warning)
         else:
@@ -209,12 +214,13 @@ class DistriRuntime:
                     "districompile rank %d/%d %s program:\n%s", dist.get_rank(), dist.get_world_size(), phase,
                     program.print_readable(print_output=False),
                 )
-        return planned
+        return planned, loaded
 
-    def _lower_phases(self, programs: dict, inputs: list, pool, persistent: int) -> dict:
-        """Each phase, lowered; through Inductor, the phases after the first compiled meanwhile by
+    def _lower_phases(self, programs: dict, inputs: list, pool, persistent: int, with_workers: bool) -> dict:
+        """Each phase, lowered; ``with_workers``, the phases after the first compiled meanwhile by
         worker processes (``compile_workers``), then loaded here from Inductor's cache."""
-        workers = compile_workers.start_workers(programs, inputs) if compile_workers.wanted(programs, self.config) else {}
+        workers = compile_workers.start_workers(programs, inputs) if with_workers else {}
+        self.workers_started += len(workers)
         lowered = {}
         try:
             for phase, program in programs.items():

@@ -70,19 +70,21 @@ def compile_and_count(rank, world_size, cache_dir, artifacts, restart, workers, 
         "aot": {k: v for k, v in counters["aot_autograd"].items() if k.startswith("autograd_cache")},
         "plans": dict(counters["districompile"]),
         "worker_cache_hits": sum(runtime.worker_cache_hits for runtime in districompile.runtimes(model)),
+        "workers_started": sum(runtime.workers_started for runtime in districompile.runtimes(model)),
         "warnings": warnings,
     }
 
 
 def test_second_process_compiles_every_phase_from_the_caches(tmp_path):
-    """Cold, the steady phase is the worker's; restarted, every phase is loaded and no worker runs."""
+    """Cold, the steady phase is the worker's; restarted, the programs and every phase are loaded,
+    and no worker is started (programs from the plan cache are a restart's)."""
     artifacts = str(tmp_path / "artifacts")
     (cold,) = run_ranks(compile_and_count, 1, str(tmp_path / "cold"), artifacts, False, True, timeout=600)
     (restarted,) = run_ranks(compile_and_count, 1, str(tmp_path / "restarted"), artifacts, True, True, timeout=600)
-    assert cold["worker_cache_hits"] == 1, cold
+    assert cold["worker_cache_hits"] == cold["workers_started"] == 1, cold
     assert cold["inductor"] == {"fxgraph_cache_miss": 1, "fxgraph_cache_hit": 1}, cold
     assert cold["aot"] == {"autograd_cache_miss": 1, "autograd_cache_saved": 1, "autograd_cache_hit": 1}, cold
-    assert restarted["worker_cache_hits"] == 0, restarted
+    assert restarted["worker_cache_hits"] == restarted["workers_started"] == 0, restarted
     assert restarted["aot"] == {"autograd_cache_hit": PHASES}, restarted
     assert restarted["inductor"] == {"fxgraph_cache_hit": PHASES}, restarted
     # The per-rank programs too: planned once, shipped in the artifacts, loaded (districompile.plan_cache).

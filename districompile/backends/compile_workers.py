@@ -13,8 +13,9 @@ or restarted from shipped caches.
 The worker builds its example inputs from their metadata (``InputSpec``): parameters are
 allocated, uninitialised, on their device while it compiles (an SDXL in fp16: 5 GB).
 
-A worker that turns out not to be needed (a restart: this process found its first phase in the
-cache, so the others are there too) is *withdrawn*, never killed: a marker file tells it to exit
+No worker is started for programs loaded from the plan cache (a restart: their phases were
+cached with them). A worker that turns out not to be needed (this process found its first phase
+in the cache, so the others are there too) is *withdrawn*, never killed: a marker file tells it to exit
 before it compiles, and one that has begun is let finish. A worker killed while it read or wrote
 the cache left this process bypassing AOTAutograd's cache (once in four runs of
 tests/test_compile_cache.py); one waited for added its whole start-up, about 25 s of an SDXL
