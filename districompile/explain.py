@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.utils._pytree as pytree
 
 from .batch_split import plan_batch_split
 from .compiler import Plan, plan
@@ -30,10 +31,15 @@ class ExplainReport:
     example_inputs: list  # the graph's inputs (parameters included), for running plan programs
     # The batch split applies: the plan (world_size ranks, inputs) is one half's, the other half runs the same.
     batch_split: bool = False
+    # Under a batch split: each batched output's all-gather over the pairs of ranks, over all ranks.
+    batch_gathers: list[Exchange] = field(default_factory=list)
 
     @property
     def total_bytes(self) -> int:
-        return sum(e.bytes_per_call for e in self.exchanges)
+        """What all ranks receive per call: under a batch split, both halves' exchanges (``exchanges``
+        are one half's) and the pairs' output gathers."""
+        halves = 2 if self.batch_split else 1
+        return halves * sum(e.bytes_per_call for e in self.exchanges) + sum(g.bytes_per_call for g in self.batch_gathers)
 
     def count(self, kind: str) -> int:
         return sum(e.kind == kind for e in self.exchanges)
@@ -54,7 +60,11 @@ class ExplainReport:
         lines = [f"districompile plan: {ranks}, rows per rank split at {list(self.row_bounds)}"]
         kinds = sorted({e.kind for e in self.exchanges})
         lines.append("per kind: " + ", ".join(f"{k} x{self.count(k)}" for k in kinds))
-        lines.append(f"total exchanged per call (all ranks): {self.total_bytes:,} bytes ({self.total_bytes / 2**20:.2f} MiB)")
+        total = f"total exchanged per call (all ranks): {self.total_bytes:,} bytes ({self.total_bytes / 2**20:.2f} MiB)"
+        if self.batch_split:
+            gathered = sum(g.bytes_per_call for g in self.batch_gathers)
+            total += f", both halves, of which the pairs' output gathers {gathered:,} bytes; the rows below are one half's"
+        lines.append(total)
         rows = [("family", "where", "sites", "bytes/call")]
         for (kind, module_type), places in sorted(self.families().items()):
             for i, (where, exchanges) in enumerate(places.items()):
@@ -79,6 +89,19 @@ class ExplainReport:
 
     def __str__(self) -> str:
         return self.format()
+
+
+def _batch_gathers(batch_plan, world_size: int) -> list[Exchange]:
+    """The all-gather of each batched output over the pairs (``BatchSplit.gather_outputs``): every
+    rank receives the other half of the output."""
+    (output,) = batch_plan.aten_gm.graph.find_nodes(op="output")
+    leaves = pytree.tree_leaves(output.args[0])
+    gathers = []
+    for i in batch_plan.layout.batched_outputs:
+        value = leaves[i].meta["val"]
+        detail = f"output {i} {list(value.shape)}: each rank receives the other half of the batch"
+        gathers.append(Exchange(leaves[i].name, "batch_gather", detail, world_size * value.numel() * value.element_size() // 2))
+    return gathers
 
 
 def _table(rows: list[tuple[str, ...]], indent: str) -> list[str]:
@@ -129,12 +152,15 @@ def explain(model, *args, world_size: int, verbose: bool = True, sites: bool = F
         raise captured["error"]
     gm, inputs, spatial = captured["gm"], captured["inputs"], captured["spatial"]
     batch_plan = plan_batch_split(gm, inputs, spatial, world_size, config)
+    batch_gathers = []
     if batch_plan is not None:  # plan what one half of the ranks runs
+        batch_gathers = _batch_gathers(batch_plan, world_size)
         gm, inputs, world_size = batch_plan.program(0), batch_plan.layout.half_inputs(inputs, 0), world_size // 2
     model_plan = plan(gm, inputs, spatial, world_size, config.exchanges, config.single_rank_exchanges)
     prop = model_plan.propagation
     report = ExplainReport(
-        world_size, model_plan.split.bounds, prop.exchanges, prop.fallbacks, model_plan, inputs, batch_plan is not None
+        world_size, model_plan.split.bounds, prop.exchanges, prop.fallbacks, model_plan, inputs, batch_plan is not None,
+        batch_gathers,
     )
     if verbose:
         print(report.format(sites))

@@ -202,6 +202,20 @@ def test_explain_plans_one_half_on_half_the_ranks():
     assert report.batch_split and report.world_size == 2 and report.row_bounds == (0, 16, 32)
     assert sample_batch(report) == 1 and report.fallbacks == []
     assert "each half of the batch on 2 ranks" in str(report)
+    # All ranks' bytes: both halves' exchanges, and each rank receiving the other half of the output.
+    (gather,) = report.batch_gathers
+    output_bytes = 2 * 4 * 32 * 32 * 4  # the whole batch's (2, 4, 32, 32) float32 output
+    assert gather.bytes_per_call == 4 * output_bytes // 2
+    assert report.total_bytes == 2 * sum(e.bytes_per_call for e in report.exchanges) + gather.bytes_per_call
+
+
+def test_explain_counts_the_pair_gather_where_halves_exchange_nothing():
+    """At world 2 each half runs on one rank: the only bytes are the output's all-gather over the pair."""
+    model, args, kwargs = tiny_sd15_unet(batch=2)
+    report = districompile.explain(model, *args, world_size=2, verbose=False, **kwargs)
+    assert report.batch_split and sum(e.bytes_per_call for e in report.exchanges) == 0  # a 1-rank output "gather"
+    assert report.total_bytes == 2 * (2 * 4 * 32 * 32 * 4) // 2 > 0
+    assert "of which the pairs' output gathers 32,768 bytes" in str(report)
 
 
 @pytest.mark.parametrize(
