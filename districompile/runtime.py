@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.fx as fx
 
+from . import plan_cache
 from .agreement import (
     AGREED,
     DeferredRows,
@@ -30,7 +31,6 @@ from .agreement import (
 from .backends import compile_workers
 from .backends.cudagraphs import PhaseGraph
 from .backends.lowering import lower, on_cuda
-from . import plan_cache
 from .batch_split import batch_split
 from .compiler import RankPrograms, rank_programs
 from .config import DistriConfig
