@@ -285,12 +285,15 @@ class DistriRuntime:
         head = host_row(args, self.data_positions, model.restarts, calls)
         row = local_row(args, head, self.fingerprinted, self.timesteps, sample, last_sample)
         where = f"call {calls + 1} of {model.name}'s trajectory ({self.name})"
-        if self.config.host_checks == "deferred" and group is not None:  # what the host knows is compared now, on the CPU
+        # A new shape is checked whole before it compiles (its compile and first exchanges need ranks that agree).
+        deferred = self.config.host_checks == "deferred" and compiled is not None
+        if deferred and group is not None:  # what the host knows is compared now, on the CPU
+            # Its group is created after the first call's compile, as without deferred checks: the
+            # programs name the batch split's groups, which torch numbers in order of creation, so
+            # caches built with either setting serve the other.
             hosts = host_group(group)
             rows = gather_host_rows(head, hosts, where)
             check_ranks_agree(rows, lambda: self.describe(args, model, calls, model.restarts), hosts, where)
-        # A new shape is checked whole before it compiles (its compile and first exchanges need ranks that agree).
-        deferred = self.config.host_checks == "deferred" and compiled is not None
         if deferred:
             trajectory = model.restarts
             model.pending.append(PendingCheck(

@@ -232,3 +232,27 @@ def test_explain_without_split_plans_the_whole_batch(build, options):
     report = districompile.explain(model, *args, verbose=False, **{"world_size": 2, **options})
     assert not report.batch_split
     assert sample_batch(report) == 2
+
+
+def _split_group_names(rank, world_size, host_checks):
+    """The split's group names after three calls with ``host_checks``, in a process of its own. The
+    group is not plain gloo (as NCCL's is not), so deferred checks create a CPU group of their own."""
+    group = dist.new_group([0, 1], backend="cpu:gloo,cuda:gloo")
+    model, (x, t), _ = hand_unet_a(batch=2)
+    options = {"lowering": "eager", "warmup_steps": 1, "host_checks": host_checks, "group": group}
+    unet = torch.compile(model, backend="distri", options=options)
+    with torch.no_grad():
+        for step in range(3):
+            unet(x, t - step)
+    (runtime,) = districompile.runtimes(model)
+    (trajectory,) = runtime.trajectories.values()
+    return trajectory.batch_split.patch_group.group_name, trajectory.batch_split.pair_group.group_name
+
+
+def test_the_split_groups_are_named_alike_whatever_the_host_checks():
+    """Torch numbers groups in order of creation and the programs name the split's groups: deferred
+    checks create their CPU group after the first call's compile, so a cache built with per-call
+    checks (``districompile.warm``) holds the programs that ``parallelize`` (deferred) runs."""
+    per_call = run_ranks(_split_group_names, 2, "per_call", timeout=300.0)
+    deferred = run_ranks(_split_group_names, 2, "deferred", timeout=300.0)
+    assert per_call == deferred, (per_call, deferred)
