@@ -1,6 +1,6 @@
 """The plan cache: the per-rank programs on disk, beside Inductor's caches, so that a restarted
-process loads them instead of planning again (capture, propagate, partition, displace: 10 s of
-an SDXL restart at 2048 on an H100).
+process loads them instead of planning again (capture, propagate, partition, displace: 16 to
+21 s of SDXL's first call on an H100, loaded in 2.5 to 3.9 s; docs/PERFORMANCE.md).
 
 An entry is this rank's ``RankPrograms`` for one graph at one input shape, pickled (the same
 code-only copy that Inductor compiles, ``compile_workers.portable``). Its key is a hash of all
