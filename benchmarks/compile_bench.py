@@ -4,8 +4,9 @@ Each measurement is a fresh process. *Cold*: an empty Inductor cache directory; 
 then saves its portable cache artifacts (``districompile.warm.save``). *Restart*: another empty
 cache directory, the artifacts loaded first (``districompile.warm.load``), as a fresh container
 that was shipped them would. *Restart-replanned* (``--replanned``): the same with the plan cache's
-entries dropped after loading, so the programs are planned again, as before the plan cache. Both time every call until the first steady call (one that replays
-the phase that runs from then on) and split the first call into stages:
+entries dropped after loading, so the programs are planned again, as before the plan cache. Each
+times every call until the first steady call (one that replays the phase that runs from then on)
+and splits the first call into stages:
 
 - ``dynamo``: Dynamo's tracing (its ``_compile.compile_inner`` less the backend call);
 - ``plan``: districompile's capture to ATen and its passes, or on a restart, loading their

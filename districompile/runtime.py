@@ -100,10 +100,6 @@ class DistriRuntime:
         self.worker_cache_hits = 0  # phases loaded from the cache a compile worker filled
 
     @property
-    def displaced(self) -> bool:
-        return self.config.displaced
-
-    @property
     def trajectories(self) -> dict[tuple, Trajectory]:
         """This graph's compiled shapes, over the models it ran for: ``{(owner, shapes): Trajectory}``."""
         return {key: t for model in list(self.served) for key, t in model.compiled.get(self, {}).items()}
@@ -177,7 +173,7 @@ class DistriRuntime:
             )
         log.info("districompile: rows split %s over %d ranks", list(planned.bounds), len(planned.bounds) - 1)
         buffers = allocate_buffers(planned.buffers)
-        warmup_steps = max(self.config.warmup_steps, 1) if self.displaced else 0  # stale values need one synchronous call to exist
+        warmup_steps = max(self.config.warmup_steps, 1) if self.config.displaced else 0  # stale values need one synchronous call to exist
         # The phases share one CUDA graph memory pool: they never run at once.
         pool = torch.cuda.graph_pool_handle() if on_cuda(args) and len(planned.programs) > 1 else None
         # Programs loaded from the plan cache are a restart's: their phases are in Inductor's caches
