@@ -17,15 +17,21 @@ and splits the first call into stages:
   meanwhile (``compile_workers``; its codegen is not in this process's ``codegen``); ``withdraw``:
   on a restart, for the workers the cached phases made unnecessary to exit;
 - ``first steady``: seconds from the start to the end of the first steady call, CUDA graph
-  captures included.
+  captures included; ``first image`` (``--image-steps N``): to the end of the N-th call;
+- ``Inductor from``: for ``distri-background``, to the end of the first steady call of Inductor's
+  phases: the first image (run eager), the wait for the workers still compiling, the next image's
+  take-over (loading the phases) and its calls.
 
 Modes: ``reduce-overhead``; ``distri`` at world 1 (the default displaced mode: its warm-up and
 steady programs are the same program at world 1, the second loaded from the cache the first
 filled); ``distri-exchanges``: world 1 with ``single_rank_exchanges``, the two phases of a patch
-rank's program with their exchange ops. One GPU cannot show the CFG split (two ranks).
+rank's program with their exchange ops; ``distri-background``: the same with ``background_compile``
+(the first image runs the eager lowering while worker processes compile both phases). One GPU
+cannot show the CFG split (two ranks).
 
     python benchmarks/compile_bench.py --sizes 1024 2048          # one GPU; logs under --logs
     python benchmarks/compile_bench.py --model tiny --sizes 256 --dtype fp32   # a CPU
+    python benchmarks/compile_bench.py --sizes 2048 --modes reduce-overhead distri-background --image-steps 50
 """
 
 from __future__ import annotations
@@ -43,8 +49,12 @@ import time
 
 import torch
 
-MODES = ("reduce-overhead", "distri", "distri-exchanges")
-DISTRI_OPTIONS = {"distri": {}, "distri-exchanges": {"single_rank_exchanges": True}}
+MODES = ("reduce-overhead", "distri", "distri-exchanges", "distri-background")
+DISTRI_OPTIONS = {
+    "distri": {},
+    "distri-exchanges": {"single_rank_exchanges": True},
+    "distri-background": {"single_rank_exchanges": True, "background_compile": True},
+}
 WARMUP_STEPS = 1
 # Inductor's own timers (torch._dynamo.utils.compilation_time_metrics), summed over the phases.
 INDUCTOR_TIMERS = {"codegen": "fx_codegen_and_compile", "triton wait": "async_compile.wait"}
@@ -59,13 +69,13 @@ class StageLog(logging.Handler):
 
     def emit(self, record):
         found = re.search(
-            r"(planning|loading the per-rank programs|lowering the (\S+) phase|waiting for the worker|withdrawing the compile workers)"
-            r".* took ([\d.]+) s", record.getMessage(),
+            r"(planning|loading the per-rank programs|lowering the (\S+) phase|waiting for the worker|withdrawing the compile workers"
+            r"|the phases compiled in the background take over).* took ([\d.]+) s", record.getMessage(),
         )
         if found:
             name = {
                 "planning": "plan", "loading the per-rank programs": "plan", "waiting for the worker": "lower wait",
-                "withdrawing the compile workers": "lower withdraw",
+                "withdrawing the compile workers": "lower withdraw", "the phases compiled in the background take over": "take over",
             }
             name = name.get(found[1], f"lower {found[2]}")
             self.stages[name] = self.stages.get(name, 0.0) + float(found[3])
@@ -74,6 +84,7 @@ class StageLog(logging.Handler):
 def worker(spec: dict) -> dict:
     import torch.distributed as dist
 
+    import districompile
     from districompile import plan_cache, warm
     from districompile.unets import SDXL, TINY_SDXL, sdxl_unet
 
@@ -91,18 +102,33 @@ def worker(spec: dict) -> dict:
         if not spec["plans"]:  # the restart before the plan cache: its entries dropped, the programs planned again
             shutil.rmtree(plan_cache.directory(), ignore_errors=True)
     if spec["mode"] == "reduce-overhead":
-        compiled, calls = torch.compile(unet, mode="reduce-overhead"), 3  # compile, warm up, record: then replays
+        compiled, steady = torch.compile(unet, mode="reduce-overhead"), 3  # compile, warm up, record: then replays
     else:
         options = {"warmup_steps": WARMUP_STEPS, **DISTRI_OPTIONS[spec["mode"]]}
-        compiled, calls = torch.compile(unet, backend="distri", options=options), WARMUP_STEPS + 2  # steady: eager, then capture
-    seconds = []
-    with torch.no_grad():
-        for step in range(calls):
+        compiled, steady = torch.compile(unet, backend="distri", options=options), WARMUP_STEPS + 2  # steady: eager, then capture
+
+    def timed_calls(count: int) -> list[float]:
+        seconds = []
+        for step in range(count):
             start = time.perf_counter()
             compiled(args[0], args[1] - step, *args[2:], **kwargs)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds.append(time.perf_counter() - start)
+        return seconds
+
+    with torch.no_grad():
+        result["calls"] = timed_calls(max(steady, spec["image_steps"]))
+        result["steady"] = steady
+        result["stages"] = dict(stage_log.stages)
+        if spec["mode"] == "distri-background":
+            # The workers go on compiling while the first image runs eager; the next image takes their phases over.
+            start = time.perf_counter()
+            districompile.finish_compiles(unet)
+            result["background_wait"] = time.perf_counter() - start
+            districompile.reset(unet)
+            result["inductor_calls"] = timed_calls(steady + 2)  # the last two replay the steady phase's CUDA graph
+            result["take_over"] = stage_log.stages.get("take over", 0.0)
     if not spec["restart"]:
         warm.save(spec["artifacts"])
     from torch._dynamo.utils import compilation_time_metrics, counters
@@ -110,8 +136,7 @@ def worker(spec: dict) -> dict:
     timer = {name: sum(compilation_time_metrics.get(key, [])) for name, key in INDUCTOR_TIMERS.items()}
     dynamo = sum(compilation_time_metrics.get("_compile.compile_inner", []))
     backend = sum(compilation_time_metrics.get("OutputGraph.call_user_compiler", []))
-    result.update(
-        calls=seconds, stages=stage_log.stages, dynamo=dynamo - backend, backend=backend, **timer,
+    result.update( dynamo=dynamo - backend, backend=backend, **timer,
         cache={k: v for k, v in {**counters["inductor"], **counters["aot_autograd"], **counters["districompile"]}.items() if "cache" in k},
     )
     dist.destroy_process_group()
@@ -143,7 +168,7 @@ def kind(spec: dict) -> str:
 
 def row(mode: str, size: int, kind: str, r: dict) -> list[str]:
     if "error" in r:
-        return [mode, str(size), kind, r["error"]] + [""] * 9
+        return [mode, str(size), kind, r["error"]] + [""] * 11
     stages = r["stages"]
     lower = sum(v for k, v in stages.items() if k.startswith("lower")) if stages else r["backend"]
     # In the order they ran; "wait": for the compile worker of the next phase.
@@ -155,8 +180,19 @@ def row(mode: str, size: int, kind: str, r: dict) -> list[str]:
     return [
         mode, str(size), kind, f"{r['load']:.1f}", f"{r['dynamo']:.1f}", f"{stages.get('plan', 0.0):.1f}",
         f"{lower:.1f} ({phases})", f"{r['codegen']:.1f}", f"{r['triton wait']:.1f}", f"{r['calls'][0]:.1f}",
-        f"{sum(r['calls']):.1f}", f"{hits}/{hits + misses}", f"{plans[0]}/{sum(plans)}" if sum(plans) else "",
+        f"{sum(r['calls'][:r['steady']]):.1f}", f"{sum(r['calls']):.1f}" if len(r["calls"]) > r["steady"] else "",
+        inductor_from(r), f"{hits}/{hits + misses}", f"{plans[0]}/{sum(plans)}" if sum(plans) else "",
     ]
+
+
+def inductor_from(r: dict) -> str:
+    """Seconds from the first call to the end of the first steady call of Inductor's phases; in
+    the background mode, after the first image ran eager (its steady call's ms -> Inductor's)."""
+    if "inductor_calls" not in r:
+        return ""
+    done = sum(r["calls"]) + r["background_wait"] + sum(r["inductor_calls"][: r["steady"]])
+    return (f"{done:.1f} (wait {r['background_wait']:.1f}, take over {r['take_over']:.1f}; steady "
+            f"{1e3 * r['calls'][-1]:.1f} -> {1e3 * r['inductor_calls'][-1]:.1f} ms)")
 
 
 def main():
@@ -170,6 +206,8 @@ def main():
     parser.add_argument("--artifacts", help="keep each mode and size's cache artifacts in a folder here "
                         "(MODE-SIZE), e.g. for profile_phase.py --load-artifacts")
     parser.add_argument("--logs", default=os.environ.get("OUT", "."), help="each measurement's output goes here")
+    parser.add_argument("--image-steps", type=int, default=0, help="time the first image: this many calls from the "
+                        "first (the '1st image' column)")
     parser.add_argument("--replanned", action="store_true", help="also restart without the plan cache's entries "
                         "(the programs planned again, as before the plan cache): 'restart-replanned'")
     opts = parser.parse_args()
@@ -177,7 +215,7 @@ def main():
         print("RESULT " + json.dumps(worker(json.loads(opts.worker))), flush=True)
         return
     header = ["mode", "size", "process", "load s", "dynamo s", "plan s", "lower s (per phase)", "codegen s",
-              "triton wait s", "1st call s", "1st steady s", "FX cache hits", "plan cache hits"]
+              "triton wait s", "1st call s", "1st steady s", "1st image s", "Inductor from s", "FX cache hits", "plan cache hits"]
     rows = []
     for size in opts.sizes:
         for mode in opts.modes:
@@ -185,7 +223,7 @@ def main():
             runs = [(False, True), (True, True)] + [(True, False)] * opts.replanned
             for restart, plans in runs if mode != "reduce-overhead" else runs[:2]:
                 spec = dict(mode=mode, size=size, model=opts.model, dtype=opts.dtype, restart=restart, plans=plans,
-                            artifacts=artifacts, port=29600 + len(rows))
+                            artifacts=artifacts, image_steps=opts.image_steps, port=29600 + len(rows))
                 result = measure(spec, opts.timeout, opts.logs)
                 rows.append(row(mode, size, kind(spec), result))
                 print(" | ".join(rows[-1]), file=sys.stderr, flush=True)

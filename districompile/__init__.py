@@ -4,7 +4,7 @@ from .config import DistriConfig
 from .errors import DistriCompileError, ShapeError
 from .explain import ExplainReport, explain
 from .pipelines import parallelize
-from .runtime import reset, runtimes, settle
+from .runtime import finish_compiles, reset, runtimes, settle
 
-__all__ = ["DistriCompileError", "DistriConfig", "ExplainReport", "ShapeError", "explain", "parallelize", "reset", "runtimes", "settle"]
+__all__ = ["DistriCompileError", "DistriConfig", "ExplainReport", "ShapeError", "explain", "finish_compiles", "parallelize", "reset", "runtimes", "settle"]
 __version__ = "0.1.0"

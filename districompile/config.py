@@ -39,6 +39,10 @@ class DistriConfig:
     # Compile a displaced shape's steady phase in a worker process while this one compiles its
     # warm-up phase (Inductor only; ``backends/compile_workers.py``). None: for programs of 1,000 nodes or more.
     compile_workers: bool | None = None
+    # Run the first images with the eager lowering (ATen kernels, CUDA graphs) while worker processes
+    # compile every phase through Inductor; the Inductor phases take over at the first trajectory
+    # that begins once every rank's workers are done (``finish_compiles`` waits for them).
+    background_compile: bool = False
     # Print each compile stage and its seconds on rank 0 (stderr): the first call of an SDXL takes minutes.
     progress: bool = True
 
@@ -49,6 +53,11 @@ class DistriConfig:
                 raise ValueError(f"districompile: {name}={getattr(self, name)!r}; choose one of {allowed}")
         if self.timeout is not None and self.timeout <= 0:
             raise ValueError(f"districompile: timeout must be > 0 seconds or None, got {self.timeout}")
+        if self.background_compile and self.lowering != "inductor":
+            raise ValueError(
+                f"districompile: background_compile compiles the phases through Inductor while the eager lowering runs "
+                f"them; it needs lowering='inductor', got {self.lowering!r}"
+            )
         if self.warmup_steps < 0:
             raise ValueError(f"districompile: warmup_steps must be >= 0, got {self.warmup_steps}")
         if isinstance(self.spatial_inputs, str):
@@ -91,7 +100,8 @@ class DistriConfig:
 # so that no option that changes the programs is left out of the plan cache's key.
 PROGRAM_OPTIONS = ("sync_mode", "parallelism", "split_batch", "spatial_inputs", "token_grids", "single_rank_exchanges")
 RUN_OPTIONS = (  # how the programs are lowered, run and checked; ``group`` enters the key by its name, rank and size
-    "warmup_steps", "lowering", "cuda_graphs", "group", "check_ranks", "host_checks", "timeout", "compile_workers", "progress",
+    "warmup_steps", "lowering", "cuda_graphs", "group", "check_ranks", "host_checks", "timeout", "compile_workers",
+    "background_compile", "progress",
 )
 
 

@@ -10,7 +10,7 @@ import re
 import sys
 import time
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -145,10 +145,11 @@ class DistriRuntime:
         if shown:
             print(f"districompile: {what}: {seconds:.1f} s", file=sys.stderr, flush=True)
 
-    def _lower(self, program, args, phase: str, pool, persistent: int):
+    def _lower(self, program, args, phase: str, pool, persistent: int, config: DistriConfig | None = None):
+        config = config or self.config
         self.compilations += 1
-        with self._stage(f"{self.name}: lowering the {phase} phase ({len(program.graph.nodes)} nodes, {self.config.lowering})"):
-            return lower(program, list(args), self.config, phase, pool, persistent)
+        with self._stage(f"{self.name}: lowering the {phase} phase ({len(program.graph.nodes)} nodes, {config.lowering})"):
+            return lower(program, list(args), config, phase, pool, persistent)
 
     def compile(self, args) -> Trajectory:
         if not self.spatial:  # say, the graph after a graph break that computes the time embedding
@@ -160,7 +161,7 @@ class DistriRuntime:
                     PACKED_TOKENS_FIX,
                 )
             lowered = self._lower(self.dynamo_gm, args, "unsplit", None, 0)
-            return Trajectory({"unsplit": self.dynamo_gm}, {"unsplit": lowered}, [], 0, None)
+            return Trajectory({"unsplit": self.dynamo_gm}, {"unsplit": lowered}, [], 0, None, self.config.lowering)
         group = self.group()
         planned, loaded = self._rank_programs(args, group)
         split = batch_split(planned.layout, group) if planned.layout is not None else None
@@ -176,11 +177,41 @@ class DistriRuntime:
         warmup_steps = max(self.config.warmup_steps, 1) if self.config.displaced else 0  # stale values need one synchronous call to exist
         # The phases share one CUDA graph memory pool: they never run at once.
         pool = torch.cuda.graph_pool_handle() if on_cuda(args) and len(planned.programs) > 1 else None
+        inputs, programs = [*args, *buffers], planned.programs
         # Programs loaded from the plan cache are a restart's: their phases are in Inductor's caches
         # (shipped with them), and a compile worker would only be withdrawn.
-        workers = not loaded and compile_workers.wanted(planned.programs, self.config)
-        lowered = self._lower_phases(planned.programs, [*args, *buffers], pool, len(buffers), workers)
-        return Trajectory(planned.programs, lowered, buffers, warmup_steps, split)
+        if self.config.background_compile and not loaded and compile_workers.fx_cache_on("the phases compile before the first call"):
+            workers = self._start_workers(programs, inputs, first=True)
+            eager = replace(self.config, lowering="eager", background_compile=False)
+            lowered = {phase: self._lower(program, inputs, phase, pool, len(buffers), eager) for phase, program in programs.items()}
+            trajectory = Trajectory(programs, lowered, buffers, warmup_steps, split, eager.lowering)
+            trajectory.background = workers
+            return trajectory
+        workers = self._start_workers(programs, inputs) if not loaded and compile_workers.wanted(programs, self.config) else {}
+        lowered = self._lower_phases(programs, inputs, pool, len(buffers), workers)
+        return Trajectory(programs, lowered, buffers, warmup_steps, split, self.config.lowering)
+
+    def _start_workers(self, programs: dict, inputs: list, first: bool = False) -> dict:
+        workers = compile_workers.start_workers(programs, inputs, first)
+        self.workers_started += len(workers)
+        return workers
+
+    def _take_over(self, compiled: Trajectory, args):
+        """At the start of a trajectory, the phases compiled in the background replace the eager
+        ones, once every rank's workers are done: the ranks must run the same programs (their
+        exchanges pair up), and an image is made by one lowering from its first step to its last."""
+        ready = all(worker.done() for worker in compiled.background.values())
+        flag = torch.tensor([int(ready)], device=args[self.spatial[0]].device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group())
+        if not flag.item():
+            return
+        workers, compiled.background = compiled.background, None
+        if compiled.batch_split is not None:
+            args = compiled.batch_split.slice_inputs(args)
+        pool = torch.cuda.graph_pool_handle() if on_cuda(args) and len(compiled.programs) > 1 else None
+        with self._stage(f"{self.name}: the phases compiled in the background take over from the eager ones"):
+            compiled.lowered = self._lower_phases(compiled.programs, [*args, *compiled.buffers], pool, len(compiled.buffers), workers)
+        compiled.lowering = self.config.lowering
 
     def _rank_programs(self, args, group) -> tuple[RankPrograms, bool]:
         """This rank's programs, and whether they came from the plan cache; through Inductor they
@@ -212,11 +243,9 @@ class DistriRuntime:
                 )
         return planned, loaded
 
-    def _lower_phases(self, programs: dict, inputs: list, pool, persistent: int, with_workers: bool) -> dict:
-        """Each phase, lowered; ``with_workers``, the phases after the first compiled meanwhile by
-        worker processes (``compile_workers``), then loaded here from Inductor's cache."""
-        workers = compile_workers.start_workers(programs, inputs) if with_workers else {}
-        self.workers_started += len(workers)
+    def _lower_phases(self, programs: dict, inputs: list, pool, persistent: int, workers: dict) -> dict:
+        """Each phase, lowered; those with a worker process (``compile_workers``), once it is done,
+        loaded here from Inductor's cache, which it filled."""
         lowered = {}
         try:
             for phase, program in programs.items():
@@ -311,6 +340,8 @@ class DistriRuntime:
                 note_timestep(model, rows[0])
             if sample is not None and compiled.displaced:
                 compiled.last_sample = sample.detach().clone()
+        if compiled.background is not None and compiled.calls == 0 and any(compiled.phase_calls.values()):
+            self._take_over(compiled, args)
         model.enter(compiled, self.name)
         return self._run(model, compiled, args)
 
@@ -398,6 +429,14 @@ def settle(model):
     their errors (ranks that disagreed, a new image begun without ``reset``) raise here."""
     for model_runtime in model_runtimes(model):
         settle_checks(model_runtime)
+
+
+def finish_compiles(model) -> int:
+    """Wait until this rank's background compiles of ``model`` (``background_compile``) are done:
+    their phases take over at the next trajectory, once every rank has waited. Returns how many
+    phases were still compiling."""
+    workers = [w for graph in runtimes(model) for t in graph.trajectories.values() for w in (t.background or {}).values()]
+    return sum(not worker.done(block=True) for worker in workers)
 
 
 def reset(model) -> int:

@@ -39,8 +39,12 @@ class Trajectory:
     its last inputs, and the warm-up writes them before any steady call reads them.
     """
 
-    def __init__(self, programs: dict, lowered: dict, buffers: list, warmup_steps: int, batch_split: BatchSplit | None):
+    def __init__(
+        self, programs: dict, lowered: dict, buffers: list, warmup_steps: int, batch_split: BatchSplit | None, lowering: str,
+    ):
         self.programs, self.lowered, self.buffers = programs, lowered, buffers
+        self.lowering = lowering  # what ``lowered`` runs: "eager" until background compiles take over
+        self.background: dict | None = None  # the worker processes compiling the phases meanwhile, by phase
         self.warmup_steps = warmup_steps
         self.batch_split = batch_split  # None: the phases run the whole batch over the whole group
         self.calls = 0  # calls of the current trajectory

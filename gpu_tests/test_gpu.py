@@ -14,6 +14,8 @@
   transformers have no fallback on CUDA: some ops capture differently there (diffusers' RMSNorm
   is ``_fused_rms_norm`` on CUDA and decomposed on the CPU), so CI cannot see a missing rule.
 - With ``host_checks="deferred"``, a replayed steady call makes no synchronizing CUDA call.
+- With ``background_compile``, the first image runs the eager lowering's CUDA graphs and the next
+  one Inductor's, every call equal to ``full_sync``.
 - A displaced steady phase replayed as a CUDA graph keeps its stale state right: with
   ``stale_gn`` (GroupNorm statistics of the previous call), the replayed trajectory equals the
   eager lowering of the same program, call by call, also after ``reset``.
@@ -136,6 +138,34 @@ def test_every_call_equals_full_sync(batch2, name, mode, split_batch):
         for call, out in enumerate(outputs)
     ]
     print(f"\n{name} {mode} split_batch={split_batch}: rel err per call {[f'{e:.1e}' for e in errors]}")
+    assert max(errors) < 1e-4, errors
+
+
+def test_background_compile_takes_over_between_images(batch2):
+    """``background_compile``: the first image replays the eager lowering's CUDA graphs while
+    workers compile; after ``finish_compiles`` the next image replays Inductor's, captured in a
+    pool of their own. Every call equals ``full_sync``."""
+    model, args, kwargs, full_sync = batch2("micro")
+    fresh_dynamo()
+    split = SPLITS[-1]
+    options = {
+        "warmup_steps": WARMUP, "single_rank_exchanges": dist.get_world_size() == 1, "background_compile": True, "split_batch": split,
+    }
+    compiled = torch.compile(model, backend="distri", options=options)
+    lowerings, errors = [], []
+    with torch.no_grad():
+        for image in range(2):
+            districompile.reset(model)
+            for _ in range(CALLS):
+                errors.append(relative_error(as_tensor(compiled(*args, **kwargs)), full_sync[split]))
+                (runtime,) = [r for r in districompile.runtimes(model) if r.config == DistriConfig.from_options(options)]
+                (trajectory,) = runtime.trajectories.values()
+                lowerings.append(trajectory.lowering)
+            if image == 0:
+                districompile.finish_compiles(model)
+    print(f"\nbackground_compile: rel err per call {[f'{e:.1e}' for e in errors]}")
+    assert lowerings == ["eager"] * CALLS + ["inductor"] * CALLS
+    assert runtime.graph_counts() == {"captures": 2, "replays": CALLS - 2, "eager_calls": 2}  # Inductor's phases
     assert max(errors) < 1e-4, errors
 
 

@@ -81,14 +81,22 @@ class InputSpec:
 
 def wanted(programs: dict[str, fx.GraphModule], config: DistriConfig) -> bool:
     """Whether to compile these phases side by side (the config's ``compile_workers``)."""
-    from torch._inductor import config as inductor_config
-
     if config.lowering != "inductor" or len(programs) < 2 or config.compile_workers is False:
         return False
-    if not inductor_config.fx_graph_cache or inductor_config.force_disable_caches:
-        log.info("districompile: Inductor's FX graph cache is off: the phases compile one after another")
+    if not fx_cache_on("the phases compile one after another"):
         return False
     return config.compile_workers or max(len(p.graph.nodes) for p in programs.values()) >= AUTO_MIN_NODES
+
+
+def fx_cache_on(otherwise: str) -> bool:
+    """Whether Inductor's FX graph cache is on: a worker hands its phase over through it. If not,
+    log what happens ``otherwise``."""
+    from torch._inductor import config as inductor_config
+
+    if not inductor_config.fx_graph_cache or inductor_config.force_disable_caches:
+        log.info("districompile: Inductor's FX graph cache is off: %s", otherwise)
+        return False
+    return True
 
 
 class CompileWorker:
@@ -121,6 +129,14 @@ class CompileWorker:
         self.process = subprocess.Popen(
             [sys.executable, "-m", __name__, self.job_path], env=env, stdout=self.log_file, stderr=subprocess.STDOUT
         )
+
+    def done(self, block: bool = False) -> bool:
+        """Whether the worker had exited (its phase is in the cache, unless it failed: ``wait`` says);
+        ``block``: then wait for it to exit."""
+        exited = self.process.poll() is not None
+        if block:
+            self.process.wait()
+        return exited
 
     def wait(self) -> bool:
         """Wait for the worker; False (with a warning naming the cause) when it failed."""
@@ -157,12 +173,13 @@ class CompileWorker:
         return output
 
 
-def start_workers(programs: dict[str, fx.GraphModule], inputs: list) -> dict[str, CompileWorker]:
-    """A worker for each phase after the first whose program differs from every earlier one (at
-    world 1 the warm-up and steady programs are the same, and the first compile fills the cache)."""
+def start_workers(programs: dict[str, fx.GraphModule], inputs: list, first: bool = False) -> dict[str, CompileWorker]:
+    """A worker for each phase after the first (``first``: from the first) whose program differs
+    from every earlier one (at world 1 the warm-up and steady programs are the same, and the first
+    compile fills the cache)."""
     workers, seen = {}, set()
     for index, (phase, program) in enumerate(programs.items()):
-        if index > 0 and program.code not in seen:
+        if (index > 0 or first) and program.code not in seen:
             workers[phase] = CompileWorker(phase, program, inputs)
         seen.add(program.code)
     return workers

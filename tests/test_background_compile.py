@@ -1,0 +1,82 @@
+"""``background_compile``: the first images run the eager lowering while worker processes compile
+every phase through Inductor; the Inductor phases take over at the first trajectory that begins
+once every rank's workers are done, on every rank at once.
+
+Two CPU ranks (gloo), Inductor, with empty cache directories of their own, so the workers really
+compile. The same inputs on every call: each call, eager or Inductor, warm-up or steady, must equal
+the uncompiled model's output (the invariant of tests/test_invariants.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from dist import run_ranks
+from models import micro_unet
+
+import districompile
+from districompile.backends.compile_workers import CompileWorker
+
+IMAGE = 3  # calls per image: warm-up, then two steady calls (warmup_steps=1)
+
+
+def images_in_background(rank, world_size, cache_dir, split_batch):
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
+    from torch._dynamo.utils import counters
+
+    model, args, kwargs = micro_unet(batch=2)
+    options = {"warmup_steps": 1, "background_compile": True, "split_batch": split_batch}
+    compiled = torch.compile(model, backend="distri", options=options)
+
+    def image():
+        districompile.reset(model)
+        outputs, lowerings = [], []
+        for _ in range(IMAGE):
+            outputs.append(compiled(*args, **kwargs))
+            (trajectory,) = districompile.runtimes(model)[0].trajectories.values()
+            lowerings.append(trajectory.lowering)
+        return outputs, lowerings
+
+    with torch.no_grad():
+        first = image()
+        districompile.finish_compiles(model)
+        if rank == 1:  # this rank's workers look busy at the next trajectory's start: no rank may take over
+            done = CompileWorker.done
+            CompileWorker.done = lambda self, block=False: False
+        held_back = image()
+        if rank == 1:
+            CompileWorker.done = done
+        taken_over = image()
+        eager = model(*args, **kwargs)
+    (runtime,) = districompile.runtimes(model)
+    return {
+        "images": [first, held_back, taken_over],
+        "eager": eager,
+        "inductor": {k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache")},
+        "workers_started": runtime.workers_started,
+        "programs": len(set(p.code for t in runtime.trajectories.values() for p in t.programs.values())),
+    }
+
+
+@pytest.mark.parametrize("split_batch", [False, True], ids=["patch", "cfg_split"])
+def test_first_images_run_eager_until_every_rank_can_take_over(tmp_path, split_batch):
+    """Patch: two different phases, each a worker's; the CFG split: each rank runs its half whole
+    (a patch group of one), so its two phases are one program and one worker compiles it."""
+    results = run_ranks(images_in_background, 2, str(tmp_path / "cache"), split_batch, timeout=900)
+    for rank, run in enumerate(results):
+        first, held_back, taken_over = run["images"]
+        assert first[1] == held_back[1] == ["eager"] * IMAGE, (rank, run["images"])
+        assert taken_over[1] == ["inductor"] * IMAGE, (rank, run["images"])
+        # The rank compiled nothing itself: a worker per program, and both phases loaded from the cache they filled.
+        assert run["workers_started"] == run["programs"] == (1 if split_batch else 2), run
+        assert run["inductor"] == {"fxgraph_cache_hit": 2}, run
+        for outputs, _ in run["images"]:
+            for output in outputs:
+                torch.testing.assert_close(output, run["eager"])
+
+
+def test_background_compile_needs_inductor():
+    with pytest.raises(ValueError, match="background_compile.*lowering='inductor'"):
+        districompile.DistriConfig(background_compile=True, lowering="eager")
