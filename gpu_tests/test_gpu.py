@@ -141,11 +141,13 @@ def test_every_call_equals_full_sync(batch2, name, mode, split_batch):
     assert max(errors) < 1e-4, errors
 
 
-def test_background_compile_takes_over_between_images(batch2):
+def test_background_compile_takes_over_between_images(batch2, tmp_path, monkeypatch):
     """``background_compile``: the first image replays the eager lowering's CUDA graphs while
     workers compile; after ``finish_compiles`` the next image replays Inductor's, captured in a
     pool of their own. Every call equals ``full_sync``."""
     model, args, kwargs, full_sync = batch2("micro")
+    # Caches of its own: the programs an earlier test planned would be loaded at once (a restart's).
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     fresh_dynamo()
     split = SPLITS[-1]
     options = {
