@@ -186,6 +186,8 @@ class DistriRuntime:
             lowered = {phase: self._lower(program, inputs, phase, pool, len(buffers), eager) for phase, program in programs.items()}
             trajectory = Trajectory(programs, lowered, buffers, warmup_steps, split, eager.lowering)
             trajectory.background = workers
+            # A process that ends (or drops the shape) before they are loaded leaves no compile running.
+            weakref.finalize(trajectory, compile_workers.cancel_all, list(workers.values()))
             return trajectory
         workers = self._start_workers(programs, inputs) if not loaded and compile_workers.wanted(programs, self.config) else {}
         lowered = self._lower_phases(programs, inputs, pool, len(buffers), workers)

@@ -10,10 +10,12 @@ the uncompiled model's output (the invariant of tests/test_invariants.py).
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from dist import run_ranks
+from dist import _free_port, run_ranks
 from models import micro_unet
 
 import districompile
@@ -80,3 +82,38 @@ def test_first_images_run_eager_until_every_rank_can_take_over(tmp_path, split_b
 def test_background_compile_needs_inductor():
     with pytest.raises(ValueError, match="background_compile.*lowering='inductor'"):
         districompile.DistriConfig(background_compile=True, lowering="eager")
+
+
+
+def one_image_then_exit(cache_dir: str, port: int):
+    """A process's whole life: one image, its phases still compiling when it exits; prints the
+    workers' process ids."""
+    import torch.distributed as dist
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    model, args, kwargs = micro_unet(batch=2)
+    options = {"warmup_steps": 1, "background_compile": True, "single_rank_exchanges": True}
+    compiled = torch.compile(model, backend="distri", options=options)
+    with torch.no_grad():
+        for _ in range(IMAGE):
+            compiled(*args, **kwargs)
+    (trajectory,) = districompile.runtimes(model)[0].trajectories.values()
+    print("WORKERS", *[worker.process.pid for worker in trajectory.background.values() if not worker.done()], flush=True)
+    dist.destroy_process_group()
+
+
+def test_a_process_that_exits_leaves_no_compile_running(tmp_path):
+    """Workers whose phases nothing will load are stopped when the process exits (they would
+    otherwise hold their device memory for minutes)."""
+    script = f"import test_background_compile as t; t.one_image_then_exit({str(tmp_path)!r}, {_free_port()})"
+    tests = os.path.dirname(__file__)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (line,) = [line for line in done.stdout.splitlines() if line.startswith("WORKERS")]
+    workers = [int(pid) for pid in line.split()[1:]]
+    assert len(workers) == 2, line  # both phases were still compiling at the exit
+    for pid in workers:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

@@ -158,7 +158,10 @@ class CompileWorker:
         self.wait()
 
     def cancel(self):
-        """Stop the worker: the compile it was meant to spare failed."""
+        """Stop the worker, unless already waited for: the compile it was meant to spare failed, or
+        nothing will load its phase (the process is exiting)."""
+        if self.log_file.closed:
+            return
         self.process.kill()
         self.process.wait()
         self._clean_up()
@@ -183,6 +186,11 @@ def start_workers(programs: dict[str, fx.GraphModule], inputs: list, first: bool
             workers[phase] = CompileWorker(phase, program, inputs)
         seen.add(program.code)
     return workers
+
+
+def cancel_all(workers: list[CompileWorker]):
+    for worker in workers:
+        worker.cancel()
 
 
 def withdrawn_marker(job_path: str) -> str:
