@@ -13,6 +13,9 @@ or restarted from shipped caches.
 The worker builds its example inputs from their metadata (``InputSpec``): parameters are
 allocated, uninitialised, on their device while it compiles (an SDXL in fp16: 5 GB).
 
+With ``background_compile`` every phase, the first included, is a worker's, while this process
+runs the eager lowering; the phases are loaded once the workers are done (``runtime``).
+
 No worker is started for programs loaded from the plan cache (a restart: their phases were
 cached with them). A worker that turns out not to be needed (this process found its first phase
 in the cache, so the others are there too) is *withdrawn*, never killed: a marker file tells it to exit
