@@ -200,8 +200,8 @@ class DistriRuntime:
 
     def _take_over(self, compiled: Trajectory, args):
         """At the start of a trajectory, the phases compiled in the background replace the eager
-        ones, once every rank's workers are done: whatever the timing, an image is made by one
-        lowering, on every rank and from its first step to its last."""
+        ones, once every rank's workers are done: whatever the timing, this graph runs one lowering
+        on every rank and from an image's first step to its last."""
         ready = all(worker.done() for worker in compiled.background.values())
         flag = torch.tensor([int(ready)], device=args[self.spatial[0]].device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group())

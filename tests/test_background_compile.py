@@ -24,12 +24,12 @@ from districompile.backends.compile_workers import CompileWorker
 IMAGE = 3  # calls per image: warm-up, then two steady calls (warmup_steps=1)
 
 
-def images_in_background(rank, world_size, cache_dir, split_batch):
+def images_in_background(rank, world_size, cache_dir, split_batch, host_checks):
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
     from torch._dynamo.utils import counters
 
     model, args, kwargs = micro_unet(batch=2)
-    options = {"warmup_steps": 1, "background_compile": True, "split_batch": split_batch}
+    options = {"warmup_steps": 1, "background_compile": True, "split_batch": split_batch, "host_checks": host_checks}
     compiled = torch.compile(model, backend="distri", options=options)
 
     def image():
@@ -62,11 +62,14 @@ def images_in_background(rank, world_size, cache_dir, split_batch):
     }
 
 
-@pytest.mark.parametrize("split_batch", [False, True], ids=["patch", "cfg_split"])
-def test_first_images_run_eager_until_every_rank_can_take_over(tmp_path, split_batch):
+@pytest.mark.parametrize(
+    "split_batch, host_checks", [(False, "per_call"), (True, "per_call"), (False, "deferred")], ids=["patch", "cfg_split", "deferred"],
+)
+def test_first_images_run_eager_until_every_rank_can_take_over(tmp_path, split_batch, host_checks):
     """Patch: two different phases, each a worker's; the CFG split: each rank runs its half whole
-    (a patch group of one), so its two phases are one program and one worker compiles it."""
-    results = run_ranks(images_in_background, 2, str(tmp_path / "cache"), split_batch, timeout=900)
+    (a patch group of one), so its two phases are one program and one worker compiles it; deferred
+    host checks (``parallelize``'s), whose images begin at ``reset``."""
+    results = run_ranks(images_in_background, 2, str(tmp_path / "cache"), split_batch, host_checks, timeout=900)
     for rank, run in enumerate(results):
         first, held_back, taken_over = run["images"]
         assert first[1] == held_back[1] == ["eager"] * IMAGE, (rank, run["images"])
