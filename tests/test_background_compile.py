@@ -82,6 +82,35 @@ def test_first_images_run_eager_until_every_rank_can_take_over(tmp_path, split_b
                 torch.testing.assert_close(output, run["eager"])
 
 
+def images_with_a_graph_break(rank, world_size, cache_dir):
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
+    from test_contract import SteppedUNet
+
+    torch.manual_seed(0)  # the same weights and inputs on every rank
+    model = SteppedUNet().eval()
+    x, t = torch.randn(1, 4, 16, 8), torch.tensor(500.0)
+    compiled = torch.compile(model, backend="distri", options={"warmup_steps": 1, "background_compile": True})
+    lowerings, outputs = [], []
+    with torch.no_grad():
+        for image in range(2):
+            districompile.reset(model)
+            outputs += [compiled(x, t) for _ in range(IMAGE)]
+            lowerings.append([trajectory.lowering for graph in districompile.runtimes(model) for trajectory in graph.trajectories.values()])
+            if image == 0:
+                districompile.finish_compiles(model)
+        eager = model(x, t)
+    return lowerings, outputs, eager
+
+
+def test_each_graph_of_a_model_takes_over(tmp_path):
+    """A graph break makes two graphs, each split, each with its own workers: both run eager in the
+    first image, both Inductor in the next, and the model's output is the uncompiled one's."""
+    for lowerings, outputs, eager in run_ranks(images_with_a_graph_break, 2, str(tmp_path / "cache"), timeout=900):
+        assert lowerings == [["eager", "eager"], ["inductor", "inductor"]], lowerings
+        for output in outputs:
+            torch.testing.assert_close(output, eager)
+
+
 def test_background_compile_needs_inductor():
     with pytest.raises(ValueError, match="background_compile.*lowering='inductor'"):
         districompile.DistriConfig(background_compile=True, lowering="eager")
