@@ -136,7 +136,8 @@ def worker(spec: dict) -> dict:
     timer = {name: sum(compilation_time_metrics.get(key, [])) for name, key in INDUCTOR_TIMERS.items()}
     dynamo = sum(compilation_time_metrics.get("_compile.compile_inner", []))
     backend = sum(compilation_time_metrics.get("OutputGraph.call_user_compiler", []))
-    result.update( dynamo=dynamo - backend, backend=backend, **timer,
+    result.update(
+        dynamo=dynamo - backend, backend=backend, **timer,
         cache={k: v for k, v in {**counters["inductor"], **counters["aot_autograd"], **counters["districompile"]}.items() if "cache" in k},
     )
     dist.destroy_process_group()

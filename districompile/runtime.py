@@ -62,6 +62,12 @@ def _graph_name() -> str:
     return f"graph of {code.co_name}"
 
 
+def _phase_pool(args, programs: dict):
+    """The CUDA graph memory pool a shape's phases share (they never run at once); None off CUDA or
+    for a single phase."""
+    return torch.cuda.graph_pool_handle() if on_cuda(args) and len(programs) > 1 else None
+
+
 class DistriRuntime:
     """Compiles one Dynamo graph into per-rank programs for each input shape, and runs them.
 
@@ -175,8 +181,7 @@ class DistriRuntime:
         log.info("districompile: rows split %s over %d ranks", list(planned.bounds), len(planned.bounds) - 1)
         buffers = allocate_buffers(planned.buffers)
         warmup_steps = max(self.config.warmup_steps, 1) if self.config.displaced else 0  # stale values need one synchronous call to exist
-        # The phases share one CUDA graph memory pool: they never run at once.
-        pool = torch.cuda.graph_pool_handle() if on_cuda(args) and len(planned.programs) > 1 else None
+        pool = _phase_pool(args, planned.programs)
         inputs, programs = [*args, *buffers], planned.programs
         # Programs loaded from the plan cache are a restart's: their phases are in Inductor's caches
         # (shipped with them), and a compile worker would only be withdrawn.
@@ -210,7 +215,7 @@ class DistriRuntime:
         workers, compiled.background = compiled.background, None
         if compiled.batch_split is not None:
             args = compiled.batch_split.slice_inputs(args)
-        pool = torch.cuda.graph_pool_handle() if on_cuda(args) and len(compiled.programs) > 1 else None
+        pool = _phase_pool(args, compiled.programs)
         with self._stage(f"{self.name}: the phases compiled in the background take over from the eager ones"):
             compiled.lowered = self._lower_phases(compiled.programs, [*args, *compiled.buffers], pool, len(compiled.buffers), workers)
         compiled.lowering = self.config.lowering
