@@ -13,11 +13,13 @@ and splits the first call into stages:
   programs from the plan cache (``plan cache hits``);
 - ``lower``: compiling each phase (AOTAutograd and Inductor: ``inductor`` for reduce-overhead,
   which compiles inside the backend call), with Inductor's codegen and the wait for Triton's
-  compile workers shown apart; ``wait``: for the worker process compiling the steady phase
-  meanwhile (``compile_workers``; its codegen is not in this process's ``codegen``); ``withdraw``:
-  on a restart, for the workers the cached phases made unnecessary to exit;
+  compile workers shown apart; within it, ``wait``: for the worker processes compiling the other
+  phases or pieces meanwhile (``compile_workers``, ``compile_pieces``; their codegen is not in this
+  process's ``codegen``), and ``withdraw``: on a restart, for the workers the cached phases made
+  unnecessary to exit;
 - ``first steady``: seconds from the start to the end of the first steady call, CUDA graph
   captures included; ``first image`` (``--image-steps N``): to the end of the N-th call;
+- ``steady ms``: the median of 10 calls after all that (replays of the steady phase's graph);
 - ``Inductor from``: for ``distri-background``, to the end of the first steady call of Inductor's
   phases: the first image (run eager), the wait for the workers still compiling, the next image's
   take-over (loading the phases) and its calls.
@@ -25,13 +27,15 @@ and splits the first call into stages:
 Modes: ``reduce-overhead``; ``distri`` at world 1 (the default displaced mode: its warm-up and
 steady programs are the same program at world 1, the second loaded from the cache the first
 filled); ``distri-exchanges``: world 1 with ``single_rank_exchanges``, the two phases of a patch
-rank's program with their exchange ops; ``distri-background``: the same with ``background_compile``
-(the first image runs the eager lowering while worker processes compile both phases). One GPU
-cannot show the CFG split (two ranks).
+rank's program with their exchange ops; ``distri-whole``: the same, each phase compiled whole
+(``compile_pieces=1``) rather than in pieces; ``distri-background``: the same with
+``background_compile`` (the first image runs the eager lowering while worker processes compile
+both phases). One GPU cannot show the CFG split (two ranks).
 
     python benchmarks/compile_bench.py --sizes 1024 2048          # one GPU; logs under --logs
     python benchmarks/compile_bench.py --model tiny --sizes 256 --dtype fp32   # a CPU
     python benchmarks/compile_bench.py --sizes 2048 --modes reduce-overhead distri-background --image-steps 50
+    python benchmarks/compile_bench.py --sizes 2048 --modes distri-exchanges distri-whole --pieces 8
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import logging
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,10 +54,11 @@ import time
 
 import torch
 
-MODES = ("reduce-overhead", "distri", "distri-exchanges", "distri-background")
+MODES = ("reduce-overhead", "distri", "distri-exchanges", "distri-whole", "distri-background")
 DISTRI_OPTIONS = {
     "distri": {},
     "distri-exchanges": {"single_rank_exchanges": True},
+    "distri-whole": {"single_rank_exchanges": True, "compile_pieces": 1},
     "distri-background": {"single_rank_exchanges": True, "background_compile": True},
 }
 WARMUP_STEPS = 1
@@ -74,8 +80,8 @@ class StageLog(logging.Handler):
         )
         if found:
             name = {
-                "planning": "plan", "loading the per-rank programs": "plan", "waiting for the worker": "lower wait",
-                "withdrawing the compile workers": "lower withdraw", "the phases compiled in the background take over": "take over",
+                "planning": "plan", "loading the per-rank programs": "plan", "waiting for the worker": "wait",
+                "withdrawing the compile workers": "withdraw", "the phases compiled in the background take over": "take over",
             }
             name = name.get(found[1], f"lower {found[2]}")
             self.stages[name] = self.stages.get(name, 0.0) + float(found[3])
@@ -104,12 +110,12 @@ def worker(spec: dict) -> dict:
     if spec["mode"] == "reduce-overhead":
         compiled, steady = torch.compile(unet, mode="reduce-overhead"), 3  # compile, warm up, record: then replays
     else:
-        options = {"warmup_steps": WARMUP_STEPS, **DISTRI_OPTIONS[spec["mode"]]}
+        options = {"warmup_steps": WARMUP_STEPS, "compile_pieces": spec["pieces"], **DISTRI_OPTIONS[spec["mode"]]}
         compiled, steady = torch.compile(unet, backend="distri", options=options), WARMUP_STEPS + 2  # steady: eager, then capture
 
-    def timed_calls(count: int) -> list[float]:
+    def timed_calls(count: int, first_step: int = 0) -> list[float]:
         seconds = []
-        for step in range(count):
+        for step in range(first_step, first_step + count):
             start = time.perf_counter()
             compiled(args[0], args[1] - step, *args[2:], **kwargs)
             if device.type == "cuda":
@@ -129,6 +135,9 @@ def worker(spec: dict) -> dict:
             districompile.reset(unet)
             result["inductor_calls"] = timed_calls(steady + 2)  # the last two replay the steady phase's CUDA graph
             result["take_over"] = stage_log.stages.get("take over", 0.0)
+        # The trajectory goes on (the timestep falls): steady calls, replays of the steady phase.
+        latest = result.get("inductor_calls", result["calls"])
+        result["steady_ms"] = 1e3 * statistics.median(timed_calls(10, first_step=len(latest)))
     if not spec["restart"]:
         warm.save(spec["artifacts"])
     from torch._dynamo.utils import compilation_time_metrics, counters
@@ -169,12 +178,13 @@ def kind(spec: dict) -> str:
 
 def row(mode: str, size: int, kind: str, r: dict) -> list[str]:
     if "error" in r:
-        return [mode, str(size), kind, r["error"]] + [""] * 11
+        return [mode, str(size), kind, r["error"]] + [""] * 12
     stages = r["stages"]
-    lower = sum(v for k, v in stages.items() if k.startswith("lower")) if stages else r["backend"]
-    # In the order they ran; "wait": for the compile worker of the next phase.
-    phases = " + ".join(f"{k.removeprefix('lower ')} {v:.1f}" for k, v in stages.items() if k.startswith("lower"))
-    phases = phases or f"{r['backend']:.1f}"
+    lower = sum(v for k, v in stages.items() if k.startswith("lower ")) if stages else r["backend"]
+    # In the order they ran; waits for the workers and their withdrawal are part of the phases'.
+    phases = " + ".join(f"{k.removeprefix('lower ')} {v:.1f}" for k, v in stages.items() if k.startswith("lower "))
+    within = ", ".join(f"{k} {stages[k]:.1f}" for k in ("wait", "withdraw") if k in stages)
+    phases = (phases + (f"; {within}" if within else "")) or f"{r['backend']:.1f}"
     hits = r["cache"].get("fxgraph_cache_hit", 0)
     misses = r["cache"].get("fxgraph_cache_miss", 0)
     plans = r["cache"].get("plan_cache_hit", 0), r["cache"].get("plan_cache_miss", 0)
@@ -182,7 +192,7 @@ def row(mode: str, size: int, kind: str, r: dict) -> list[str]:
         mode, str(size), kind, f"{r['load']:.1f}", f"{r['dynamo']:.1f}", f"{stages.get('plan', 0.0):.1f}",
         f"{lower:.1f} ({phases})", f"{r['codegen']:.1f}", f"{r['triton wait']:.1f}", f"{r['calls'][0]:.1f}",
         f"{sum(r['calls'][:r['steady']]):.1f}", f"{sum(r['calls']):.1f}" if len(r["calls"]) > r["steady"] else "",
-        inductor_from(r), f"{hits}/{hits + misses}", f"{plans[0]}/{sum(plans)}" if sum(plans) else "",
+        inductor_from(r), f"{r['steady_ms']:.1f}", f"{hits}/{hits + misses}", f"{plans[0]}/{sum(plans)}" if sum(plans) else "",
     ]
 
 
@@ -209,6 +219,8 @@ def main():
     parser.add_argument("--logs", default=os.environ.get("OUT", "."), help="each measurement's output goes here")
     parser.add_argument("--image-steps", type=int, default=0, help="time the first image: this many calls from the "
                         "first (the '1st image' column)")
+    parser.add_argument("--pieces", type=int, help="compile_pieces for the distri modes that do not set it "
+                        "(default: districompile's, by the program's size)")
     parser.add_argument("--replanned", action="store_true", help="also restart without the plan cache's entries "
                         "(the programs planned again, as before the plan cache): 'restart-replanned'")
     opts = parser.parse_args()
@@ -216,7 +228,8 @@ def main():
         print("RESULT " + json.dumps(worker(json.loads(opts.worker))), flush=True)
         return
     header = ["mode", "size", "process", "load s", "dynamo s", "plan s", "lower s (per phase)", "codegen s",
-              "triton wait s", "1st call s", "1st steady s", "1st image s", "Inductor from s", "FX cache hits", "plan cache hits"]
+              "triton wait s", "1st call s", "1st steady s", "1st image s", "Inductor from s", "steady ms", "FX cache hits",
+              "plan cache hits"]
     rows = []
     for size in opts.sizes:
         for mode in opts.modes:
@@ -224,7 +237,7 @@ def main():
             runs = [(False, True), (True, True)] + [(True, False)] * opts.replanned
             for restart, plans in runs if mode != "reduce-overhead" else runs[:2]:
                 spec = dict(mode=mode, size=size, model=opts.model, dtype=opts.dtype, restart=restart, plans=plans,
-                            artifacts=artifacts, image_steps=opts.image_steps, port=29600 + len(rows))
+                            artifacts=artifacts, image_steps=opts.image_steps, pieces=opts.pieces, port=29600 + len(rows))
                 result = measure(spec, opts.timeout, opts.logs)
                 rows.append(row(mode, size, kind(spec), result))
                 print(" | ".join(rows[-1]), file=sys.stderr, flush=True)

@@ -1,4 +1,5 @@
-"""The pass pipeline: capture -> annotate -> propagate -> partition (per rank) -> displace -> sequence."""
+"""The pass pipeline: capture -> annotate -> propagate -> partition (per rank) -> displace -> sequence,
+and for Inductor, pieces."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch.distributed as dist
 import torch.fx as fx
 
 from . import rules  # noqa: F401  (registers the sharding rules)
+from .backends.compile_workers import InputSpec
 from .batch_split import BatchLayout, batch_split, plan_batch_split
 from .config import DistriConfig
 from .errors import DistriCompileError
@@ -17,6 +19,7 @@ from .passes.annotate import split_rows
 from .passes.capture import capture
 from .passes.displace import displace
 from .passes.partition import partition
+from .passes.pieces import piece_count, split_pieces
 from .passes.propagate import Propagation, propagate
 from .passes.sequence import sequence_exchanges
 from .sharding import RowSplit
@@ -91,5 +94,8 @@ def rank_programs(dynamo_gm: fx.GraphModule, args: list, spatial: list[int], con
         programs, buffers = {"synchronous": program}, []
     for phase_program in programs.values():
         sequence_exchanges(phase_program)
+    if config.lowering == "inductor":  # compiled by several processes at once (backends/compile_workers.py)
+        inputs = [InputSpec.of(x) for x in args] + [InputSpec((numel,), (1,), dtype, str(device)) for numel, dtype, device in buffers]
+        programs = {phase: split_pieces(p, inputs, piece_count(p, config.compile_pieces)) for phase, p in programs.items()}
     layout = batch_plan.layout if batch_plan is not None else None
     return RankPrograms(programs, buffers, layout, group.group_name, tuple(model_plan.split.bounds), model_plan.warnings)

@@ -39,6 +39,10 @@ class DistriConfig:
     # Compile a displaced shape's steady phase in a worker process while this one compiles its
     # warm-up phase (Inductor only; ``backends/compile_workers.py``). None: for programs of 1,000 nodes or more.
     compile_workers: bool | None = None
+    # Cut each phase's program into this many pieces for Inductor, compiled by as many processes at
+    # once (with compile_workers) and run one after another (``passes/pieces.py``). None: one piece
+    # per 2,500 nodes (SDXL: 4); 1: whole.
+    compile_pieces: int | None = None
     # Run the first images with the eager lowering (ATen kernels, CUDA graphs) while worker processes
     # compile every phase through Inductor; the Inductor phases take over at the first trajectory
     # that begins once every rank's workers are done (``finish_compiles`` waits for them).
@@ -58,6 +62,8 @@ class DistriConfig:
                 f"districompile: background_compile compiles the phases through Inductor while the eager lowering runs "
                 f"them; it needs lowering='inductor', got {self.lowering!r}"
             )
+        if self.compile_pieces is not None and (not isinstance(self.compile_pieces, int) or self.compile_pieces < 1):
+            raise ValueError(f"districompile: compile_pieces must be an int >= 1 or None (by the program's size), got {self.compile_pieces!r}")
         if self.warmup_steps < 0:
             raise ValueError(f"districompile: warmup_steps must be >= 0, got {self.warmup_steps}")
         if isinstance(self.spatial_inputs, str):
@@ -98,7 +104,9 @@ class DistriConfig:
 
 # What each option changes. A new option must be listed in one (tests/test_plan_cache.py checks),
 # so that no option that changes the programs is left out of the plan cache's key.
-PROGRAM_OPTIONS = ("sync_mode", "parallelism", "split_batch", "spatial_inputs", "token_grids", "single_rank_exchanges")
+PROGRAM_OPTIONS = (
+    "sync_mode", "parallelism", "split_batch", "spatial_inputs", "token_grids", "single_rank_exchanges", "compile_pieces",
+)
 RUN_OPTIONS = (  # how the programs are lowered, run and checked; ``group`` enters the key by its name, rank and size
     "warmup_steps", "lowering", "cuda_graphs", "group", "check_ranks", "host_checks", "timeout", "compile_workers",
     "background_compile", "progress",

@@ -30,13 +30,14 @@ from .agreement import (
 )
 from .backends import compile_workers
 from .backends.cudagraphs import PhaseGraph
-from .backends.lowering import lower, on_cuda
+from .backends.lowering import CompileUnit, compile_units, inductor, lower, on_cuda
 from .batch_split import batch_split
 from .compiler import RankPrograms, rank_programs
 from .config import DistriConfig
 from .displaced import allocate_buffers
 from .errors import DistriCompileError
 from .passes.annotate import PACKED_TOKENS_FIX, input_names, spatial_inputs, timestep_inputs, token_sequences
+from .passes.pieces import pieces
 from .trajectory import NEW_SAMPLE_JUMP, ModelLookup, ModelRuntime, Trajectory, model_runtimes
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ class DistriRuntime:
         self.timed_groups: set[str] = set()
         self.compilations = 0
         self.workers_started = 0  # compile worker processes
-        self.worker_cache_hits = 0  # phases loaded from the cache a compile worker filled
+        self.worker_cache_hits = 0  # units (phases or pieces) loaded from the cache a compile worker filled
 
     @property
     def trajectories(self) -> dict[tuple, Trajectory]:
@@ -151,11 +152,13 @@ class DistriRuntime:
         if shown:
             print(f"districompile: {what}: {seconds:.1f} s", file=sys.stderr, flush=True)
 
-    def _lower(self, program, args, phase: str, pool, persistent: int, config: DistriConfig | None = None):
+    def _lower(self, program, args, phase: str, pool, persistent: int, config: DistriConfig | None = None, compile_unit=None):
         config = config or self.config
         self.compilations += 1
-        with self._stage(f"{self.name}: lowering the {phase} phase ({len(program.graph.nodes)} nodes, {config.lowering})"):
-            return lower(program, list(args), config, phase, pool, persistent)
+        split = pieces(program)
+        size = f"{sum(len(p.graph.nodes) for _, p in split)} nodes in {len(split)} pieces" if split else f"{len(program.graph.nodes)} nodes"
+        with self._stage(f"{self.name}: lowering the {phase} phase ({size}, {config.lowering})"):
+            return lower(program, list(args), config, phase, pool, persistent, compile_unit)
 
     def compile(self, args) -> Trajectory:
         if not self.spatial:  # say, the graph after a graph break that computes the time embedding
@@ -185,8 +188,9 @@ class DistriRuntime:
         inputs, programs = [*args, *buffers], planned.programs
         # Programs loaded from the plan cache are a restart's: their phases are in Inductor's caches
         # (shipped with them), and a compile worker would only be withdrawn.
+        units = [unit for phase, program in programs.items() for unit in compile_units(phase, program)]
         if self.config.background_compile and not loaded and compile_workers.fx_cache_on("the phases compile before the first call"):
-            workers = self._start_workers(programs, inputs, first=True)
+            workers = self._start_workers(units, inputs, first=True)
             eager = replace(self.config, lowering="eager", background_compile=False)
             lowered = {phase: self._lower(program, inputs, phase, pool, len(buffers), eager) for phase, program in programs.items()}
             trajectory = Trajectory(programs, lowered, buffers, warmup_steps, split, eager.lowering)
@@ -194,12 +198,12 @@ class DistriRuntime:
             # A process that ends (or drops the shape) before they are loaded leaves no compile running.
             weakref.finalize(trajectory, compile_workers.cancel_all, list(workers.values()))
             return trajectory
-        workers = self._start_workers(programs, inputs) if not loaded and compile_workers.wanted(programs, self.config) else {}
+        workers = self._start_workers(units, inputs) if not loaded and compile_workers.wanted(units, self.config) else {}
         lowered = self._lower_phases(programs, inputs, pool, len(buffers), workers)
         return Trajectory(programs, lowered, buffers, warmup_steps, split, self.config.lowering)
 
-    def _start_workers(self, programs: dict, inputs: list, first: bool = False) -> dict:
-        workers = compile_workers.start_workers(programs, inputs, first)
+    def _start_workers(self, units: list[CompileUnit], inputs: list, first: bool = False) -> dict:
+        workers = compile_workers.start_workers(units, inputs, first)
         self.workers_started += len(workers)
         return workers
 
@@ -251,32 +255,39 @@ class DistriRuntime:
         return planned, loaded
 
     def _lower_phases(self, programs: dict, inputs: list, pool, persistent: int, workers: dict) -> dict:
-        """Each phase, lowered; those with a worker process (``compile_workers``), once it is done,
-        loaded here from Inductor's cache, which it filled."""
-        lowered = {}
+        """Each phase, lowered; its units (the phase, or each of its pieces) with a worker process
+        (``compile_workers``), once the worker is done, loaded here from Inductor's cache, which it filled."""
+        compiled_units = []
+
+        def compile_unit(unit: CompileUnit, unit_inputs: list):
+            worker = workers.pop(unit.name, None)
+            worked = False
+            if worker is not None:
+                with self._stage(f"{self.name}: waiting for the worker process compiling {unit.name}"):
+                    worked = worker.wait()
+            hits = compile_workers.fx_cache_hits()
+            compiled = inductor(unit.program, unit_inputs)
+            loaded = compile_workers.fx_cache_hits() > hits
+            if worked and not loaded:
+                log.warning("districompile: %s: %s was not in its worker's cache entry; compiled it again", self.name, unit.name)
+            self.worker_cache_hits += worked and loaded
+            if not compiled_units and worker is None and loaded and workers:
+                # Caches that hold the first unit (a restart) hold the others: the workers are not needed.
+                with self._stage(f"{self.name}: withdrawing the compile workers (the phases are cached)"):
+                    for idle in workers.values():
+                        idle.withdraw()
+                workers.clear()
+            compiled_units.append(unit.name)
+            return compiled
+
         try:
-            for phase, program in programs.items():
-                worker = workers.pop(phase, None)
-                worked = False
-                if worker is not None:
-                    with self._stage(f"{self.name}: waiting for the worker process compiling the {phase} phase"):
-                        worked = worker.wait()
-                hits = compile_workers.fx_cache_hits()
-                lowered[phase] = self._lower(program, inputs, phase, pool, persistent)
-                loaded = compile_workers.fx_cache_hits() > hits
-                if worked and not loaded:
-                    log.warning("districompile: %s: the %s phase was not in its worker's cache entry; compiled it again", self.name, phase)
-                self.worker_cache_hits += worked and loaded
-                if worker is None and loaded and workers:
-                    # Caches that hold this phase (a restart) hold the others: the workers are not needed.
-                    with self._stage(f"{self.name}: withdrawing the compile workers (the phases are cached)"):
-                        for idle in workers.values():
-                            idle.withdraw()
-                    workers.clear()
-        finally:  # a phase that failed to compile leaves no worker running
+            return {
+                phase: self._lower(program, inputs, phase, pool, persistent, compile_unit=compile_unit)
+                for phase, program in programs.items()
+            }
+        finally:  # a unit that failed to compile leaves no worker running
             for idle in workers.values():
                 idle.cancel()
-        return lowered
 
     def describe(self, args, model: ModelRuntime, calls: int, trajectory: int, row: list[float] | None = None) -> str:
         """This rank's inputs and state, for an error that compares the ranks: each input's sum, or

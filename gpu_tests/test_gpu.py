@@ -101,9 +101,11 @@ def on_gpu(model, args, kwargs, dtype):
 
 # The CFG split needs an even world: on one GPU, split_batch=True would run unsplit, as False does.
 SPLITS = (False, True) if int(os.environ.get("WORLD_SIZE", 1)) % 2 == 0 else (False,)
-# Every mode on our micro UNet (it compiles in seconds), the default one on the SDXL-like UNet too.
-CASES = [("micro", mode) for mode in ("corrected_async_gn", "stale_gn", "no_sync", "separate_gn")]
-CASES += [("tiny_sdxl", "corrected_async_gn")]
+# Every mode on our micro UNet (it compiles in seconds), the default one on the SDXL-like UNet too,
+# and compiled in pieces by worker processes (SDXL's own phases are 4 pieces each).
+PIECES = {"compile_pieces": 3, "compile_workers": True}
+CASES = [("micro", mode, {}) for mode in ("corrected_async_gn", "stale_gn", "no_sync", "separate_gn")]
+CASES += [("tiny_sdxl", "corrected_async_gn", {}), ("tiny_sdxl", "corrected_async_gn", PIECES)]
 
 
 @pytest.fixture(scope="module")
@@ -124,10 +126,10 @@ def batch2():
 
 
 @pytest.mark.parametrize("split_batch", SPLITS, ids=lambda split: f"split_batch={split}")
-@pytest.mark.parametrize("name, mode", CASES)
-def test_every_call_equals_full_sync(batch2, name, mode, split_batch):
+@pytest.mark.parametrize("name, mode, extra", CASES, ids=[f"{n}-{m}{'-pieces' if e else ''}" for n, m, e in CASES])
+def test_every_call_equals_full_sync(batch2, name, mode, extra, split_batch):
     model, args, kwargs, full_sync = batch2(name)
-    outputs, counts, phases = compiled_calls(model, args, kwargs, sync_mode=mode, split_batch=split_batch)
+    outputs, counts, phases = compiled_calls(model, args, kwargs, sync_mode=mode, split_batch=split_batch, **extra)
     assert phases == {"warm-up": WARMUP, "steady": CALLS - WARMUP}
     # Each phase: its first call eager, then one capture, then replays.
     assert counts == {"captures": 2, "replays": CALLS - 2, "eager_calls": 2}

@@ -39,7 +39,7 @@ def _(t):
     return torch.empty_like(t)
 
 
-def compile_and_count(rank, world_size, cache_dir, artifacts, restart, workers, user_op=False):
+def compile_and_count(rank, world_size, cache_dir, artifacts, restart, workers, user_op=False, pieces=None):
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
     from torch._dynamo.utils import counters
 
@@ -53,7 +53,7 @@ def compile_and_count(rank, world_size, cache_dir, artifacts, restart, workers, 
     logging.getLogger("districompile").addHandler(handler)
 
     model, args, kwargs = micro_unet(batch=2)
-    options = {"warmup_steps": 1, "single_rank_exchanges": True, "compile_workers": workers}
+    options = {"warmup_steps": 1, "single_rank_exchanges": True, "compile_workers": workers, "compile_pieces": pieces}
     forward = model.forward
     if user_op:
         model.forward = lambda x, t: forward(x, scaled(t))
@@ -97,6 +97,25 @@ def test_second_process_compiles_every_phase_from_the_caches(tmp_path):
         torch.testing.assert_close(fresh, cold["eager"])  # the same inputs every call: the model's output
 
 
+def test_pieces_compile_in_workers_and_load_from_the_caches(tmp_path):
+    """Each phase cut in 3 pieces (``passes/pieces.py``): cold, this process compiles the first
+    piece and a worker each of the 5 others; restarted, all 6 are loaded and no worker starts.
+    The outputs are the model's, and the same bit for bit cold and restarted."""
+    artifacts, units = str(tmp_path / "artifacts"), 3 * PHASES
+    (cold,) = run_ranks(compile_and_count, 1, str(tmp_path / "cold"), artifacts, False, True, False, 3, timeout=600)
+    (restarted,) = run_ranks(compile_and_count, 1, str(tmp_path / "restarted"), artifacts, True, True, False, 3, timeout=600)
+    assert cold["worker_cache_hits"] == cold["workers_started"] == units - 1, cold
+    assert cold["inductor"] == {"fxgraph_cache_miss": 1, "fxgraph_cache_hit": units - 1}, cold
+    assert restarted["worker_cache_hits"] == restarted["workers_started"] == 0, restarted
+    assert restarted["inductor"] == {"fxgraph_cache_hit": units}, restarted
+    assert restarted["plans"] == {"plan_cache_hit": 1}, restarted
+    for run in (cold, restarted):
+        assert run["warnings"] == [], run["warnings"]
+    for fresh, loaded in zip(cold["outputs"], restarted["outputs"]):
+        torch.testing.assert_close(loaded, fresh, rtol=0, atol=0)
+        torch.testing.assert_close(fresh, cold["eager"])
+
+
 def test_a_failed_worker_leaves_the_phase_to_this_process(tmp_path):
     """A program calling an op the worker cannot load (its library is imported here only): the
     worker fails, a warning says so and why, and this process compiles the phase itself."""
@@ -137,14 +156,14 @@ def test_a_withdrawn_worker_exits_without_compiling(tmp_path, monkeypatch):
     writes its phase there (so the first half observes something)."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from districompile.backends.compile_workers import CompileWorker
+    from districompile.backends.compile_workers import CompileWorker, InputSpec
 
     inputs = [torch.randn(4, 8)]
     program = make_fx(lambda x: (torch.sin(x) + 1,))(*inputs)
 
     def cache_entries(name):
         monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / name))
-        worker = CompileWorker("steady", program, inputs)
+        worker = CompileWorker("the steady phase", program, [InputSpec.of(x) for x in inputs], compile_threads=1)
         worker.withdraw() if name == "withdrawn" else worker.wait()
         assert worker.process.returncode == 0
         return list((tmp_path / name).glob("fxgraph/*/*"))

@@ -31,13 +31,14 @@ from models import as_tensor, micro_sd_unet, micro_sdxl_unet, micro_unet
 from districompile import DistriCompileError
 from districompile.backends.distri import distri_backend
 from districompile.metrics import relative_error
+from districompile.passes.pieces import pieces
 from districompile.runtime import settle_checks
 
 EXACT = 1e-5  # fp32: a different program (fusions, summation order) for the same function
 ONE_PROCESS = 1e-4  # the tolerance of the other full_sync tests
 WARMUP, CALLS = 2, 5  # two warm-up calls, then three steady ones: the second reads what the first sent
 STALE_ONLY = ("corrected_async_gn", "stale_gn", "no_sync")
-INDUCTOR_ONLY = ("compile_workers",)
+INDUCTOR_ONLY = ("compile_workers", "compile_pieces")
 DEFAULT_PROGRAMS = ("deferred_checks",)  # corrected_async_gn's programs, run another way
 ALL_MODES = {
     "full_sync": {"sync_mode": "full_sync"},
@@ -45,6 +46,9 @@ ALL_MODES = {
     # SDXL's is, and before the same program is in the cache: there, in the first compile of its
     # process, Inductor once recomputed a read of the buffers after the exchange had begun.
     "compile_workers": {"sync_mode": "corrected_async_gn", "compile_workers": True},
+    # The same, each phase cut in pieces compiled by workers of their own and run one after another
+    # (SDXL's phases are 4 pieces each).
+    "compile_pieces": {"sync_mode": "corrected_async_gn", "compile_workers": True, "compile_pieces": 3},
     # The default mode as parallelize(pipe) runs it: the ranks' device rows read a call late, so
     # the host queues calls without waiting (its compiled programs are corrected_async_gn's).
     "deferred_checks": {"sync_mode": "corrected_async_gn", "host_checks": "deferred"},
@@ -98,6 +102,7 @@ def _run(rank, world, cache_dir):
                     results[lowering, name, batch, split, mode] = {
                         "outputs": outputs, "phases": trajectory.phase_calls, "split": trajectory.batch_split is not None,
                         "plans": dict(counters["districompile"]),
+                        "pieces": {phase: len(pieces(program)) for phase, program in trajectory.programs.items()},
                     }
     return results, references
 
@@ -194,6 +199,18 @@ def test_programs_planned_once_are_loaded_from_the_plan_cache(ranks):
             assert result["plans"] == {"plan_cache_hit" if planned_before else "plan_cache_miss": 1}, label
             loaded += planned_before
     assert loaded
+
+
+def test_phases_ran_in_pieces_where_asked(ranks):
+    """``compile_pieces`` cut every phase; the other modes' programs are small enough to stay whole."""
+    cut = 0
+    for rank_results, _ in ranks[1]:
+        for key, result in rank_results.items():
+            if "outputs" in result:
+                expected = 3 if key[-1] == "compile_pieces" else 0
+                assert set(result["pieces"].values()) == {expected}, (key, result["pieces"])
+                cut += expected > 0
+    assert cut
 
 
 def test_batch_split_ran_where_it_applies(ranks):

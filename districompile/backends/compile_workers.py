@@ -1,6 +1,7 @@
-"""Compile a shape's phases side by side: while this process lowers the first phase through
-Inductor, a worker process compiles each other phase and leaves it in Inductor's caches on disk
-(the FX graph and AOTAutograd caches), from which this process then loads it.
+"""Compile a shape's phases side by side: while this process lowers the first phase (or the
+first piece of it, ``passes/pieces.py``) through Inductor, a worker process compiles each other
+phase or piece (each a ``lowering.CompileUnit``) and leaves it in Inductor's caches on disk (the
+FX graph and AOTAutograd caches), from which this process then loads it.
 
 Inductor's code generation holds the GIL, so phases compiled in threads would take turns; a
 process of its own compiles in parallel. The worker is only a cache warmer: what runs is always
@@ -11,9 +12,11 @@ it), so every phase is compiled as such a copy (``portable``), here and in the w
 or restarted from shipped caches.
 
 The worker builds its example inputs from their metadata (``InputSpec``): parameters are
-allocated, uninitialised, on their device while it compiles (an SDXL in fp16: 5 GB).
+allocated, uninitialised, on their device while it compiles (an SDXL in fp16: 5 GB for a whole
+phase, its share for a piece). The workers share the machine's cores for Triton's kernel
+compiles (Inductor's ``compile_threads``, which its cache keys leave out).
 
-With ``background_compile`` every phase, the first included, is a worker's, while this process
+With ``background_compile`` every unit, the first included, is a worker's, while this process
 runs the eager lowering; the phases are loaded once the workers are done (``runtime``).
 
 No worker is started for programs loaded from the plan cache (a restart: their phases were
@@ -43,7 +46,7 @@ from ..config import DistriConfig
 
 log = logging.getLogger(__name__)
 
-# Auto mode (``compile_workers=None``): a worker for programs of at least this many nodes. Starting
+# Auto mode (``compile_workers=None``): workers where a unit has at least this many nodes. Starting
 # one costs a process and its imports (seconds); a phase costs Inductor about 17 ms per node
 # (SDXL's 9,850-node steady program: 203 s on an H100).
 AUTO_MIN_NODES = 1000
@@ -82,13 +85,13 @@ class InputSpec:
         return torch.nn.Parameter(x, requires_grad=self.requires_grad) if self.parameter else x.requires_grad_(self.requires_grad)
 
 
-def wanted(programs: dict[str, fx.GraphModule], config: DistriConfig) -> bool:
-    """Whether to compile these phases side by side (the config's ``compile_workers``)."""
-    if config.lowering != "inductor" or len(programs) < 2 or config.compile_workers is False:
+def wanted(units: list, config: DistriConfig) -> bool:
+    """Whether to compile these units side by side (the config's ``compile_workers``)."""
+    if config.lowering != "inductor" or len(units) < 2 or config.compile_workers is False:
         return False
     if not fx_cache_on("the phases compile one after another"):
         return False
-    return config.compile_workers or max(len(p.graph.nodes) for p in programs.values()) >= AUTO_MIN_NODES
+    return config.compile_workers or max(len(unit.program.graph.nodes) for unit in units) >= AUTO_MIN_NODES
 
 
 def fx_cache_on(otherwise: str) -> bool:
@@ -103,22 +106,23 @@ def fx_cache_on(otherwise: str) -> bool:
 
 
 class CompileWorker:
-    """A process compiling one phase's program into Inductor's caches."""
+    """A process compiling one unit (a phase or a piece of one) into Inductor's caches."""
 
-    def __init__(self, phase: str, program: fx.GraphModule, inputs: list):
+    def __init__(self, unit: str, program: fx.GraphModule, specs: list[InputSpec], compile_threads: int):
         from torch._functorch import config as functorch_config
         from torch._inductor import config as inductor_config
         from torch._inductor.runtime.cache_dir_utils import cache_dir
 
-        self.phase = phase
+        self.unit = unit
         job = {
             "program": program,
-            "inputs": [InputSpec.of(x) for x in inputs],
+            "inputs": specs,
             "inductor_config": inductor_config.save_config(),
             "functorch_config": functorch_config.save_config(),
             "threads": torch.get_num_threads(),  # CPU kernels are generated for this process's thread count
+            "compile_threads": compile_threads,
         }
-        fd, self.job_path = tempfile.mkstemp(prefix=f"districompile-{phase}-", suffix=".pkl")
+        fd, self.job_path = tempfile.mkstemp(prefix=f"districompile-{unit.replace(' ', '-')}-", suffix=".pkl")
         with os.fdopen(fd, "wb") as job_file:
             pickle.dump(job, job_file)
         self.withdrawn_path = withdrawn_marker(self.job_path)
@@ -148,8 +152,8 @@ class CompileWorker:
         if code != 0:
             tail = "\n".join(output.strip().splitlines()[-15:])
             log.warning(
-                "districompile: the worker compiling the %s phase failed (exit code %d); this process compiles it "
-                "instead. Its output ends:\n%s", self.phase, code, tail,
+                "districompile: the worker compiling %s failed (exit code %d); this process compiles it "
+                "instead. Its output ends:\n%s", self.unit, code, tail,
             )
             return False
         return True
@@ -179,16 +183,19 @@ class CompileWorker:
         return output
 
 
-def start_workers(programs: dict[str, fx.GraphModule], inputs: list, first: bool = False) -> dict[str, CompileWorker]:
-    """A worker for each phase after the first (``first``: from the first) whose program differs
-    from every earlier one (at world 1 the warm-up and steady programs are the same, and the first
-    compile fills the cache)."""
-    workers, seen = {}, set()
-    for index, (phase, program) in enumerate(programs.items()):
-        if (index > 0 or first) and program.code not in seen:
-            workers[phase] = CompileWorker(phase, program, inputs)
-        seen.add(program.code)
-    return workers
+def start_workers(units: list, inputs: list, first: bool = False) -> dict[str, CompileWorker]:
+    """A worker for each unit after the first (``first``: from the first) that differs from every
+    earlier one (at world 1 the warm-up and steady programs are the same, and the first compile
+    fills the cache). ``inputs``: the phases' (all of a shape's phases take the same)."""
+    jobs, seen = [], set()
+    for index, unit in enumerate(units):
+        specs = unit.specs(inputs)
+        identity = (unit.program.code, repr(specs))
+        if (index > 0 or first) and identity not in seen:
+            jobs.append((unit, specs))
+        seen.add(identity)
+    compile_threads = max(1, (os.cpu_count() or 1) // (len(jobs) + 1))
+    return {unit.name: CompileWorker(unit.name, unit.program, specs, compile_threads) for unit, specs in jobs}
 
 
 def cancel_all(workers: list[CompileWorker]):
@@ -221,6 +228,7 @@ def main(job_path: str):
     inductor_config.load_config(job["inductor_config"])
     functorch_config.load_config(job["functorch_config"])
     torch.set_num_threads(job["threads"])
+    inductor_config.compile_threads = job["compile_threads"]
     inputs = [spec.example() for spec in job["inputs"]]
     if os.path.exists(withdrawn):
         return
