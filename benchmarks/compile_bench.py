@@ -221,6 +221,7 @@ def main():
                         "first (the '1st image' column)")
     parser.add_argument("--pieces", type=int, help="compile_pieces for the distri modes that do not set it "
                         "(default: districompile's, by the program's size)")
+    parser.add_argument("--cold-only", action="store_true", help="measure cold compiles only (no restart)")
     parser.add_argument("--replanned", action="store_true", help="also restart without the plan cache's entries "
                         "(the programs planned again, as before the plan cache): 'restart-replanned'")
     opts = parser.parse_args()
@@ -234,8 +235,8 @@ def main():
     for size in opts.sizes:
         for mode in opts.modes:
             artifacts = os.path.join(opts.artifacts, f"{mode}-{size}") if opts.artifacts else tempfile.mkdtemp(prefix="artifacts-")
-            runs = [(False, True), (True, True)] + [(True, False)] * opts.replanned
-            for restart, plans in runs if mode != "reduce-overhead" else runs[:2]:
+            runs = [(False, True)] + [(True, True)] * (not opts.cold_only) + [(True, False)] * opts.replanned
+            for restart, plans in runs if mode != "reduce-overhead" else [run for run in runs if run[1]]:
                 spec = dict(mode=mode, size=size, model=opts.model, dtype=opts.dtype, restart=restart, plans=plans,
                             artifacts=artifacts, image_steps=opts.image_steps, pieces=opts.pieces, port=29600 + len(rows))
                 result = measure(spec, opts.timeout, opts.logs)
