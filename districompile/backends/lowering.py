@@ -37,15 +37,15 @@ class CompileUnit:
 
     name: str  # "the warm-up phase", or "piece_1 of the warm-up phase"
     program: fx.GraphModule
-    piece: bool
+    piece: str | None  # the piece's attribute in its phase's program; None for a whole phase
 
     def inputs(self, phase_inputs: list) -> list:
         """Example inputs to compile it with, given its phase's."""
-        return piece_inputs(self.program, phase_inputs) if self.piece else list(phase_inputs)
+        return list(phase_inputs) if self.piece is None else piece_inputs(self.program, phase_inputs)
 
     def specs(self, phase_inputs: list) -> list[InputSpec]:
         """What a compile worker needs of its example inputs, without allocating any."""
-        if not self.piece:
+        if self.piece is None:
             return [InputSpec.of(x) for x in phase_inputs]
         return [InputSpec.of(phase_inputs[s]) if isinstance(s, int) else s for s in self.program.input_sources]
 
@@ -53,8 +53,8 @@ class CompileUnit:
 def compile_units(phase: str, program: fx.GraphModule) -> list[CompileUnit]:
     split = pieces(program)
     if not split:
-        return [CompileUnit(f"the {phase} phase", program, False)]
-    return [CompileUnit(f"{name} of the {phase} phase", piece, True) for name, piece in split]
+        return [CompileUnit(f"the {phase} phase", program, None)]
+    return [CompileUnit(f"{name} of the {phase} phase", piece, name) for name, piece in split]
 
 
 def inductor(program: fx.GraphModule, inputs: list) -> Callable:
@@ -90,11 +90,11 @@ def compile_program(
         return program
     compile_unit = compile_unit or (lambda unit, unit_inputs: inductor(unit.program, unit_inputs))
     units = compile_units(phase, program)
-    if not units[0].piece:
+    if units[0].piece is None:
         return compile_unit(units[0], inputs)
     runner = fx.GraphModule(program, program.graph)
-    for unit, (name, _) in zip(units, pieces(program)):
-        setattr(runner, name, CompiledPiece(compile_unit(unit, unit.inputs(inputs))))
+    for unit in units:
+        setattr(runner, unit.piece, CompiledPiece(compile_unit(unit, unit.inputs(inputs))))
     return runner
 
 

@@ -62,11 +62,15 @@ def split_pieces(program: fx.GraphModule, inputs: list[InputSpec], count: int) -
     if not cuts:
         return program
     position = {node: i for i, node in enumerate(nodes)}
-    split = split_module(program, program, lambda node: sum(position[node] > cut for cut in cuts), keep_original_node_name=True, keep_original_order=True)
+    split = split_module(
+        program, program, lambda node: sum(position[node] > cut for cut in cuts), keep_original_node_name=True,
+        keep_original_order=True,
+    )
     _rename_pieces(split)
     # A piece's inputs are named after the nodes they stand for (split_module's keep_original_input_name).
     placeholders = {node.name: i for i, node in enumerate(n for n in nodes if n.op == "placeholder")}
-    for _, piece in pieces_of_split(split):
+    for call in split.graph.find_nodes(op="call_module"):
+        piece = split.get_submodule(call.target)
         inputs = piece.graph.find_nodes(op="placeholder")
         piece.input_sources = [placeholders[n.name] if n.name in placeholders else InputSpec.of(values[n.name]) for n in inputs]
         for node in inputs:  # split_module copies the producer's meta: an input is not, say, an exchange
@@ -75,12 +79,9 @@ def split_pieces(program: fx.GraphModule, inputs: list[InputSpec], count: int) -
 
 
 def pieces(program: fx.GraphModule) -> list[tuple[str, fx.GraphModule]]:
-    """The pieces of a split program, in the order it calls them; none for an unsplit one."""
-    return [(name, piece) for name, piece in pieces_of_split(program) if hasattr(piece, "input_sources")]
-
-
-def pieces_of_split(program: fx.GraphModule) -> list[tuple[str, fx.GraphModule]]:
-    return [(call.target, program.get_submodule(call.target)) for call in program.graph.find_nodes(op="call_module")]
+    """The pieces of a split program by attribute name, in the order it calls them; none for an unsplit one."""
+    called = [(call.target, program.get_submodule(call.target)) for call in program.graph.find_nodes(op="call_module")]
+    return [(name, piece) for name, piece in called if hasattr(piece, "input_sources")]
 
 
 def piece_inputs(piece: fx.GraphModule, inputs: list) -> list:
