@@ -24,12 +24,15 @@ from districompile.backends.compile_workers import CompileWorker
 IMAGE = 3  # calls per image: warm-up, then two steady calls (warmup_steps=1)
 
 
-def images_in_background(rank, world_size, cache_dir, split_batch, host_checks):
+def images_in_background(rank, world_size, cache_dir, split_batch, host_checks, pieces):
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir
     from torch._dynamo.utils import counters
 
     model, args, kwargs = micro_unet(batch=2)
-    options = {"warmup_steps": 1, "background_compile": True, "split_batch": split_batch, "host_checks": host_checks}
+    options = {
+        "warmup_steps": 1, "background_compile": True, "split_batch": split_batch, "host_checks": host_checks,
+        "compile_pieces": pieces,
+    }
     compiled = torch.compile(model, backend="distri", options=options)
 
     def image():
@@ -63,20 +66,25 @@ def images_in_background(rank, world_size, cache_dir, split_batch, host_checks):
 
 
 @pytest.mark.parametrize(
-    "split_batch, host_checks", [(False, "per_call"), (True, "per_call"), (False, "deferred")], ids=["patch", "cfg_split", "deferred"],
+    "split_batch, host_checks, pieces",
+    [(False, "per_call", None), (True, "per_call", None), (False, "deferred", None), (False, "per_call", 2)],
+    ids=["patch", "cfg_split", "deferred", "pieces"],
 )
-def test_first_images_run_eager_until_every_rank_can_take_over(tmp_path, split_batch, host_checks):
+def test_first_images_run_eager_until_every_rank_can_take_over(tmp_path, split_batch, host_checks, pieces):
     """Patch: two different phases, each a worker's; the CFG split: each rank runs its half whole
     (a patch group of one), so its two phases are one program and one worker compiles it; deferred
-    host checks (``parallelize``'s), whose images begin at ``reset``."""
-    results = run_ranks(images_in_background, 2, str(tmp_path / "cache"), split_batch, host_checks, timeout=900)
+    host checks (``parallelize``'s), whose images begin at ``reset``; patch with each phase in two
+    pieces, each a worker's."""
+    results = run_ranks(images_in_background, 2, str(tmp_path / "cache"), split_batch, host_checks, pieces, timeout=900)
+    units = (1 if split_batch else 2) * (pieces or 1)
     for rank, run in enumerate(results):
         first, held_back, taken_over = run["images"]
         assert first[1] == held_back[1] == ["eager"] * IMAGE, (rank, run["images"])
         assert taken_over[1] == ["inductor"] * IMAGE, (rank, run["images"])
-        # The rank compiled nothing itself: a worker per program, and both phases loaded from the cache they filled.
-        assert run["workers_started"] == run["programs"] == (1 if split_batch else 2), run
-        assert run["inductor"] == {"fxgraph_cache_hit": 2}, run
+        # The rank compiled nothing itself: a worker per unit, and every unit loaded from the cache they filled.
+        assert run["programs"] == (1 if split_batch else 2), run
+        assert run["workers_started"] == units, run
+        assert run["inductor"] == {"fxgraph_cache_hit": units}, run
         for outputs, _ in run["images"]:
             for output in outputs:
                 torch.testing.assert_close(output, run["eager"])
