@@ -20,7 +20,7 @@ from districompile.backends.compile_workers import InputSpec, portable
 from districompile.backends.lowering import compile_units
 from districompile.displaced import allocate_buffers
 from districompile.passes.displace import displace
-from districompile.passes.pieces import NODES_PER_PIECE, piece_count, pieces, split_pieces
+from districompile.passes.pieces import NODES_PER_PIECE, _propagate, piece_count, pieces, split_pieces
 from districompile.passes.sequence import sequence_exchanges
 
 WORLD = 3  # rank 1 has two neighbours
@@ -73,6 +73,29 @@ def test_pieces_are_the_program_in_order(factory, rank):
         # What a worker and the plan cache receive (a pickled, code-only copy) knows its inputs too.
         copied = pieces(portable(split))
         assert [piece.input_sources for _, piece in copied] == [piece.input_sources for _, piece in parts]
+
+
+@pytest.mark.parametrize("mode", ["corrected_async_gn", "stale_gn", "separate_gn", "no_sync"])
+def test_displaced_programs_carry_every_value(mode):
+    """``displace`` gives each node it adds its value, so ``split_pieces`` reads the values instead of
+    propagating the program again: each equals (shape, strides, dtype) a fresh propagation's."""
+    model, args, kwargs = micro_sdxl_unet(batch=2)
+    report = districompile.explain(model, *args, world_size=WORLD, verbose=False, **kwargs)
+    for rank in range(WORLD):
+        phases = displace(report.plan.program(rank, "g"), mode, rank)
+        for program in (phases.warmup, phases.steady):
+            sequence_exchanges(program)
+            kept = {n.name: n.meta["val"] for n in program.graph.nodes if n.op != "output"}
+            inputs = [InputSpec.of(n.meta["val"]) for n in program.graph.nodes if n.op == "placeholder"]
+            fresh = _propagate(program, inputs)
+            assert {k: layout(v) for k, v in kept.items()} == {k: layout(fresh[k]) for k in kept}, (mode, rank)
+
+
+def layout(value):
+    """Shape, strides and dtype of a tensor, or of each in a sequence (a multi-output op's value)."""
+    if isinstance(value, (list, tuple)):
+        return tuple(layout(v) for v in value)
+    return (tuple(value.shape), value.stride(), value.dtype) if isinstance(value, torch.Tensor) else value
 
 
 def test_a_multi_output_op_stays_with_its_reads():

@@ -75,15 +75,25 @@ def _propagate_shapes(program: fx.GraphModule):
 
 
 class _Displacer:
+    """Rewrites one phase's graph. Every node it adds gets its ``meta["val"]`` (a fake tensor), as
+    the nodes it keeps have theirs: later passes (``pieces``) read them instead of propagating the
+    whole program again. A read replaces an exchange's value with one of the same shape and layout."""
+
     def __init__(self, graph: fx.Graph, modes, rank: int, stale: bool):
         self.graph, self.rank, self.stale = graph, rank, stale
         self.stats_mode, self.reduce_mode, self.displace_output = modes
         self.buffers: list[tuple[int, torch.dtype, torch.device]] = []
         self.tokens: list[fx.Node] = []  # the steady program's exchanges in flight
-        self.last_input = [n for n in graph.nodes if n.op == "placeholder"][-1]
+        inputs = [n for n in graph.nodes if n.op == "placeholder"]
+        self.last_input = inputs[-1]
+        self.fake_mode = detect_fake_mode([n.meta["val"] for n in inputs])
 
     def call(self, op, *args, **kwargs) -> fx.Node:
-        return self.graph.call_function(op, args, kwargs)
+        node = self.graph.call_function(op, args, kwargs)
+        values = fx.node.map_arg((args, kwargs), lambda n: n.meta["val"])
+        with self.fake_mode:
+            node.meta["val"] = op(*values[0], **values[1])
+        return node
 
     def run(self) -> list:
         for node in list(self.graph.nodes):
@@ -109,6 +119,8 @@ class _Displacer:
             with self.graph.inserting_after(self.last_input):
                 self.last_input = self.graph.placeholder(f"site{len(self.buffers) // 2}_{role}")
             self.last_input.meta["exchange_buffer"] = role
+            with self.fake_mode:
+                self.last_input.meta["val"] = torch.empty(numel, dtype=val.dtype, device=val.device)
             self.buffers.append((numel, val.dtype, val.device))
             nodes.append(self.last_input)
         return nodes[0], nodes[1]

@@ -49,7 +49,7 @@ def split_pieces(program: fx.GraphModule, inputs: list[InputSpec], count: int) -
     body = [i for i, node in enumerate(nodes) if node.op not in ("placeholder", "get_attr", "output")]
     if count <= 1 or len(body) < 2 * count:
         return program
-    values = _propagate(program, inputs)
+    values = _values(program, inputs)
     crossing, blocked = _crossings(nodes, values)
     cuts = []  # index of the last node of each piece but the last
     for k in range(1, count):
@@ -90,8 +90,17 @@ def piece_inputs(piece: fx.GraphModule, inputs: list) -> list:
     return [inputs[source] if isinstance(source, int) else source.example() for source in piece.input_sources]
 
 
+def _values(program: fx.GraphModule, inputs: list[InputSpec]) -> dict[str, object]:
+    """Every node's value, as a fake tensor (or what the node returns otherwise), by node name:
+    those the passes left in ``meta["val"]`` (``displace`` keeps them for the nodes it adds; a
+    fake-tensor propagation of an SDXL phase costs seconds), or else propagated here."""
+    known = {node.name: node.meta["val"] for node in program.graph.nodes if "val" in node.meta}
+    if all(node.name in known for node in program.graph.nodes if node.op != "output"):
+        return known
+    return _propagate(program, inputs)
+
+
 def _propagate(program: fx.GraphModule, inputs: list[InputSpec]) -> dict[str, object]:
-    """Every node's value, as a fake tensor (or what the node returns otherwise), by node name."""
     mode = FakeTensorMode()
     with mode:
         fakes = [spec.example() for spec in inputs]
