@@ -98,12 +98,12 @@ def test_second_process_compiles_every_phase_from_the_caches(tmp_path):
 
 
 def test_pieces_compile_in_workers_and_load_from_the_caches(tmp_path):
-    """Each phase cut in 3 pieces (``passes/pieces.py``): cold, this process compiles the first
-    piece and a worker each of the 5 others; restarted, all 6 are loaded and no worker starts.
+    """Each phase cut in 2 pieces (``passes/pieces.py``): cold, this process compiles the first
+    piece and a worker each of the 3 others; restarted, all 4 are loaded and no worker starts.
     The outputs are the model's, and the same bit for bit cold and restarted."""
-    artifacts, units = str(tmp_path / "artifacts"), 3 * PHASES
-    (cold,) = run_ranks(compile_and_count, 1, str(tmp_path / "cold"), artifacts, False, True, False, 3, timeout=600)
-    (restarted,) = run_ranks(compile_and_count, 1, str(tmp_path / "restarted"), artifacts, True, True, False, 3, timeout=600)
+    artifacts, units = str(tmp_path / "artifacts"), 2 * PHASES
+    (cold,) = run_ranks(compile_and_count, 1, str(tmp_path / "cold"), artifacts, False, True, False, 2, timeout=600)
+    (restarted,) = run_ranks(compile_and_count, 1, str(tmp_path / "restarted"), artifacts, True, True, False, 2, timeout=600)
     assert cold["worker_cache_hits"] == cold["workers_started"] == units - 1, cold
     assert cold["inductor"] == {"fxgraph_cache_miss": 1, "fxgraph_cache_hit": units - 1}, cold
     assert restarted["worker_cache_hits"] == restarted["workers_started"] == 0, restarted
