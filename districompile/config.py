@@ -36,8 +36,9 @@ class DistriConfig:
     host_checks: str = "per_call"
     # Seconds a collective may wait for the other ranks (a dead or failed rank); None: the group's own.
     timeout: float | None = 600.0
-    # Compile a displaced shape's steady phase in a worker process while this one compiles its
-    # warm-up phase (Inductor only; ``backends/compile_workers.py``). None: for programs of 1,000 nodes or more.
+    # Compile a shape's other units (the steady phase, the phases' other pieces) in worker processes
+    # while this one compiles the first (Inductor only; ``backends/compile_workers.py``). None: where
+    # a unit has 1,000 nodes or more.
     compile_workers: bool | None = None
     # Cut each phase's program into this many pieces for Inductor, compiled by as many processes at
     # once (with compile_workers) and run one after another (``passes/pieces.py``). None: one piece
