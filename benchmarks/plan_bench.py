@@ -20,10 +20,6 @@ import torch
 import torch.distributed as dist
 
 
-class Captured(Exception):
-    pass
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", type=int, default=512)
@@ -33,7 +29,7 @@ def main():
     from districompile import warm
     from districompile.compiler import rank_programs
     from districompile.config import DistriConfig
-    from districompile.passes.annotate import spatial_inputs
+    from districompile.explain import dynamo_graph
     from districompile.passes.pieces import pieces
     from districompile.unets import SDXL, sdxl_unet
 
@@ -41,25 +37,10 @@ def main():
     os.environ.setdefault("MASTER_PORT", "29650")
     dist.init_process_group("gloo", rank=0, world_size=1)
     unet, args, kwargs = sdxl_unet(SDXL, opts.size, 2, warm.DTYPES["bf16"], "cpu")
-    captured = {}
-
-    def record(gm, example_inputs):  # Dynamo's graph; the model itself need not run
-        captured.update(gm=gm, inputs=list(example_inputs))
-
-        def stop(*_):
-            raise Captured
-
-        return stop
-
     with torch.no_grad():
         start = time.perf_counter()
-        try:
-            torch.compile(unet, backend=record, fullgraph=True)(*args, **kwargs)
-        except Captured:
-            pass
+        gm, inputs, spatial = dynamo_graph(unet, args, kwargs, DistriConfig())
         dynamo = time.perf_counter() - start
-        gm, inputs = captured["gm"], captured["inputs"]
-        spatial = spatial_inputs(gm, inputs, None, {})
         kinds = {"whole (compile_pieces=1)": 1, "in pieces (default)": None}
         seconds, cut = {label: [] for label in kinds}, {}
         for _ in range(opts.repeat):  # alternately, so that neither kind gets the warmer caches

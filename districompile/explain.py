@@ -111,19 +111,9 @@ def _table(rows: list[tuple[str, ...]], indent: str) -> list[str]:
     return lines
 
 
-def explain(model, *args, world_size: int, verbose: bool = True, sites: bool = False, **options) -> ExplainReport:
-    """Plan ``model(*args, **kwargs)`` for ``world_size`` ranks and print the plan (``verbose``):
-    exchanges per kind and per module family, and fallbacks, by the model's module paths; with
-    ``sites``, also one row per exchange site (module, ATen node, kind, detail, bytes, source line).
-
-    Keyword arguments that are backend options (``sync_mode``...) configure the plan; the rest
-    are passed to the model. Nothing is computed: shapes are traced with fake tensors. Where
-    the batch split applies (``report.batch_split``), the plan is one half's: half the batch on
-    half the ranks.
-    """
-    option_names = set(DistriConfig.__dataclass_fields__)
-    config = DistriConfig.from_options({k: v for k, v in options.items() if k in option_names})
-    kwargs = {k: v for k, v in options.items() if k not in option_names}
+def dynamo_graph(model, args, kwargs, config: DistriConfig) -> tuple:
+    """Dynamo's graph of ``model(*args, **kwargs)``, its inputs (parameters included) and its spatial
+    inputs' positions, as the backend would receive them; the model itself does not run."""
     captured = {}
 
     def capture_backend(gm, example_inputs):
@@ -150,7 +140,23 @@ def explain(model, *args, world_size: int, verbose: bool = True, sites: bool = F
         pass
     if "error" in captured:
         raise captured["error"]
-    gm, inputs, spatial = captured["gm"], captured["inputs"], captured["spatial"]
+    return captured["gm"], captured["inputs"], captured["spatial"]
+
+
+def explain(model, *args, world_size: int, verbose: bool = True, sites: bool = False, **options) -> ExplainReport:
+    """Plan ``model(*args, **kwargs)`` for ``world_size`` ranks and print the plan (``verbose``):
+    exchanges per kind and per module family, and fallbacks, by the model's module paths; with
+    ``sites``, also one row per exchange site (module, ATen node, kind, detail, bytes, source line).
+
+    Keyword arguments that are backend options (``sync_mode``...) configure the plan; the rest
+    are passed to the model. Nothing is computed: shapes are traced with fake tensors. Where
+    the batch split applies (``report.batch_split``), the plan is one half's: half the batch on
+    half the ranks.
+    """
+    option_names = set(DistriConfig.__dataclass_fields__)
+    config = DistriConfig.from_options({k: v for k, v in options.items() if k in option_names})
+    kwargs = {k: v for k, v in options.items() if k not in option_names}
+    gm, inputs, spatial = dynamo_graph(model, args, kwargs, config)
     batch_plan = plan_batch_split(gm, inputs, spatial, world_size, config)
     batch_gathers = []
     if batch_plan is not None:  # plan what one half of the ranks runs

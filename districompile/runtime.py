@@ -257,9 +257,10 @@ class DistriRuntime:
     def _lower_phases(self, programs: dict, inputs: list, pool, persistent: int, workers: dict) -> dict:
         """Each phase, lowered; its units (the phase, or each of its pieces) with a worker process
         (``compile_workers``), once the worker is done, loaded here from Inductor's cache, which it filled."""
-        compiled_units = []
+        first = True
 
         def compile_unit(unit: CompileUnit, unit_inputs: list):
+            nonlocal first
             worker = workers.pop(unit.name, None)
             worked = False
             if worker is not None:
@@ -271,13 +272,13 @@ class DistriRuntime:
             if worked and not loaded:
                 log.warning("districompile: %s: %s was not in its worker's cache entry; compiled it again", self.name, unit.name)
             self.worker_cache_hits += worked and loaded
-            if not compiled_units and worker is None and loaded and workers:
+            if first and worker is None and loaded and workers:
                 # Caches that hold the first unit (a restart) hold the others: the workers are not needed.
                 with self._stage(f"{self.name}: withdrawing the compile workers (the phases are cached)"):
                     for idle in workers.values():
                         idle.withdraw()
                 workers.clear()
-            compiled_units.append(unit.name)
+            first = False
             return compiled
 
         try:

@@ -124,7 +124,6 @@ def test_background_compile_needs_inductor():
         districompile.DistriConfig(background_compile=True, lowering="eager")
 
 
-
 def one_image_then_exit(cache_dir: str, port: int):
     """A process's whole life: one image, its phases still compiling when it exits; prints the
     workers' process ids."""

@@ -50,7 +50,8 @@ def split_pieces(program: fx.GraphModule, inputs: list[InputSpec], count: int) -
     if count <= 1 or len(body) < 2 * count:
         return program
     values = _values(program, inputs)
-    crossing, blocked = _crossings(nodes, values)
+    position = {node: i for i, node in enumerate(nodes)}
+    crossing, blocked = _crossings(nodes, position, values)
     cuts = []  # index of the last node of each piece but the last
     for k in range(1, count):
         ideal = body[len(body) * k // count]
@@ -61,7 +62,6 @@ def split_pieces(program: fx.GraphModule, inputs: list[InputSpec], count: int) -
             cuts.append(min(candidates, key=lambda i: (crossing[i], abs(i - ideal))))
     if not cuts:
         return program
-    position = {node: i for i, node in enumerate(nodes)}
     split = split_module(
         program, program, lambda node: sum(position[node] > cut for cut in cuts), keep_original_node_name=True,
         keep_original_order=True,
@@ -108,10 +108,9 @@ def _propagate(program: fx.GraphModule, inputs: list[InputSpec]) -> dict[str, ob
     return {node.name: node.meta.get("val") for node in program.graph.nodes}
 
 
-def _crossings(nodes: list[fx.Node], values: dict) -> tuple[list[int], list[bool]]:
+def _crossings(nodes: list[fx.Node], position: dict[fx.Node, int], values: dict) -> tuple[list[int], list[bool]]:
     """For a cut after each node: how many values computed up to it are read after it, and whether
     one of them is not a tensor (a cut there is not allowed)."""
-    position = {node: i for i, node in enumerate(nodes)}
     opened, closed, bad_opened, bad_closed = ([0] * len(nodes) for _ in range(4))
     for i, node in enumerate(nodes):
         if node.op in ("placeholder", "get_attr") or not node.users:
