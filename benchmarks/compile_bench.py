@@ -8,7 +8,9 @@ entries dropped after loading, so the programs are planned again, as before the 
 times every call until the first steady call (one that replays the phase that runs from then on)
 and splits the first call into stages:
 
-- ``dynamo``: Dynamo's tracing (its ``_compile.compile_inner`` less the backend call);
+- ``dynamo``: Dynamo's tracing (its ``_compile.compile_inner`` less the backend call); with
+  ``--precompiled``, torch's AOT compile traces the model before the first call (timed in it),
+  and a restart loads the trace with the artifacts (``load``) instead;
 - ``plan``: districompile's capture to ATen and its passes, or on a restart, loading their
   programs from the plan cache (``plan cache hits``);
 - ``lower``: compiling each phase (AOTAutograd and Inductor: ``inductor`` for reduce-overhead,
@@ -36,6 +38,7 @@ both phases). One GPU cannot show the CFG split (two ranks).
     python benchmarks/compile_bench.py --model tiny --sizes 256 --dtype fp32   # a CPU
     python benchmarks/compile_bench.py --sizes 2048 --modes reduce-overhead distri-background --image-steps 50
     python benchmarks/compile_bench.py --sizes 2048 --modes distri-exchanges distri-whole --pieces 8
+    python benchmarks/compile_bench.py --sizes 2048 --modes distri-exchanges --precompiled
 """
 
 from __future__ import annotations
@@ -91,7 +94,7 @@ def worker(spec: dict) -> dict:
     import torch.distributed as dist
 
     import districompile
-    from districompile import plan_cache, warm
+    from districompile import plan_cache, precompile, warm
     from districompile.unets import SDXL, TINY_SDXL, sdxl_unet
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -101,17 +104,26 @@ def worker(spec: dict) -> dict:
     logging.getLogger("districompile").addHandler(stage_log)
     logging.getLogger("districompile").setLevel(logging.INFO)
     result = {"load": 0.0}
+    precompiled = spec["precompiled"] and spec["mode"] != "reduce-overhead"
     if spec["restart"]:
         start = time.perf_counter()
-        result["loaded"] = warm.load(spec["artifacts"])
+        result["loaded"] = warm.load(spec["artifacts"], unet if precompiled else None)
         result["load"] = time.perf_counter() - start
         if not spec["plans"]:  # the restart before the plan cache: its entries dropped, the programs planned again
             shutil.rmtree(plan_cache.directory(), ignore_errors=True)
+    traced = 0.0
     if spec["mode"] == "reduce-overhead":
         compiled, steady = torch.compile(unet, mode="reduce-overhead"), 3  # compile, warm up, record: then replays
     else:
         options = {"warmup_steps": WARMUP_STEPS, "compile_pieces": spec["pieces"], **DISTRI_OPTIONS[spec["mode"]]}
         compiled, steady = torch.compile(unet, backend="distri", options=options), WARMUP_STEPS + 2  # steady: eager, then capture
+        if precompiled:  # Dynamo traces before the first call (cold), or not at all (loaded)
+            compiled = unet
+            if not spec["restart"]:
+                start = time.perf_counter()
+                with torch.no_grad():
+                    precompile.precompile(unet, args, kwargs, options)
+                traced = time.perf_counter() - start
 
     def timed_calls(count: int, first_step: int = 0) -> list[float]:
         seconds = []
@@ -125,6 +137,7 @@ def worker(spec: dict) -> dict:
 
     with torch.no_grad():
         result["calls"] = timed_calls(max(steady, spec["image_steps"]))
+        result["calls"][0] += traced
         result["steady"] = steady
         result["stages"] = dict(stage_log.stages)
         if spec["mode"] == "distri-background":
@@ -139,11 +152,12 @@ def worker(spec: dict) -> dict:
         latest = result.get("inductor_calls", result["calls"])
         result["steady_ms"] = 1e3 * statistics.median(timed_calls(10, first_step=len(latest)))
     if not spec["restart"]:
-        warm.save(spec["artifacts"])
+        warm.save(spec["artifacts"], unet if precompiled else None)
     from torch._dynamo.utils import compilation_time_metrics, counters
 
     timer = {name: sum(compilation_time_metrics.get(key, [])) for name, key in INDUCTOR_TIMERS.items()}
-    dynamo = sum(compilation_time_metrics.get("_compile.compile_inner", []))
+    # Dynamo's tracing: through torch.compile, or torch's AOT compile (precompiled, cold).
+    dynamo = sum(compilation_time_metrics.get("_compile.compile_inner", []) + compilation_time_metrics.get("fullgraph_capture", []))
     backend = sum(compilation_time_metrics.get("OutputGraph.call_user_compiler", []))
     result.update(
         dynamo=dynamo - backend, backend=backend, **timer,
@@ -154,7 +168,7 @@ def worker(spec: dict) -> dict:
 
 
 def measure(spec: dict, timeout: float, log_dir: str) -> dict:
-    name = f"{spec['mode']}-{spec['size']}-{kind(spec)}"
+    name = f"{spec['mode']}-{spec['size']}-{kind(spec).replace(', ', '-')}"
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": tempfile.mkdtemp(prefix="inductor-")}
     command = [sys.executable, __file__, "--worker", json.dumps(spec)]
     try:
@@ -173,7 +187,8 @@ def measure(spec: dict, timeout: float, log_dir: str) -> dict:
 
 
 def kind(spec: dict) -> str:
-    return "cold" if not spec["restart"] else "restart" if spec["plans"] else "restart-replanned"
+    process = "cold" if not spec["restart"] else "restart" if spec["plans"] else "restart-replanned"
+    return f"{process}, precompiled" if spec["precompiled"] and spec["mode"] != "reduce-overhead" else process
 
 
 def row(mode: str, size: int, kind: str, r: dict) -> list[str]:
@@ -222,6 +237,8 @@ def main():
     parser.add_argument("--pieces", type=int, help="compile_pieces for the distri modes that do not set it "
                         "(default: districompile's, by the program's size)")
     parser.add_argument("--cold-only", action="store_true", help="measure cold compiles only (no restart)")
+    parser.add_argument("--precompiled", action="store_true", help="distri modes: precompile the model "
+                        "(districompile.precompile: Dynamo's trace saved with the artifacts, a restart loads it)")
     parser.add_argument("--replanned", action="store_true", help="also restart without the plan cache's entries "
                         "(the programs planned again, as before the plan cache): 'restart-replanned'")
     opts = parser.parse_args()
@@ -238,7 +255,7 @@ def main():
             runs = [(False, True)] + [(True, True)] * (not opts.cold_only) + [(True, False)] * opts.replanned
             for restart, plans in runs if mode != "reduce-overhead" else [run for run in runs if run[1]]:
                 spec = dict(mode=mode, size=size, model=opts.model, dtype=opts.dtype, restart=restart, plans=plans,
-                            artifacts=artifacts, image_steps=opts.image_steps, pieces=opts.pieces, port=29600 + len(rows))
+                            artifacts=artifacts, image_steps=opts.image_steps, pieces=opts.pieces, precompiled=opts.precompiled, port=29600 + len(rows))
                 result = measure(spec, opts.timeout, opts.logs)
                 rows.append(row(mode, size, kind(spec), result))
                 print(" | ".join(rows[-1]), file=sys.stderr, flush=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
+import pickle
 import re
 import sys
 import time
@@ -16,6 +17,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 import torch.fx as fx
+from torch._dynamo.aot_compile import SerializableCallable
 
 from . import plan_cache
 from .agreement import (
@@ -38,6 +40,7 @@ from .displaced import allocate_buffers
 from .errors import DistriCompileError
 from .passes.annotate import PACKED_TOKENS_FIX, input_names, spatial_inputs, timestep_inputs, token_sequences
 from .passes.pieces import pieces
+from .precompile import load_portable_graph, portable_graph
 from .trajectory import NEW_SAMPLE_JUMP, ModelLookup, ModelRuntime, Trajectory, model_runtimes
 
 log = logging.getLogger(__name__)
@@ -69,7 +72,40 @@ def _phase_pool(args, programs: dict):
     return torch.cuda.graph_pool_handle() if on_cuda(args) and len(programs) > 1 else None
 
 
-class DistriRuntime:
+@dataclass(frozen=True)
+class InputLayout:
+    """What a runtime reads of its graph's inputs, once, inside the backend call (where Dynamo's
+    tracing context names them): a precompiled model keeps it (``precompile``), as it has no
+    backend call when it is loaded."""
+
+    name: str  # the graph's, for the logs: "graph of forward"
+    input_names: list[str]
+    spatial: list[int]  # positions of the inputs split by rows (``annotate.spatial_inputs``)
+    timesteps: list[int]
+    token_inputs: list[str]  # token sequences, named with their shapes, where no input is spatial
+    # Dynamo reuses one graph for every instance of a model class (parameters are inputs), so each
+    # call's model is told apart by the parameter tensors it passes.
+    parameter_positions: list[int]
+    # Parameter shapes are fixed by the graph: a per-call key over the other inputs is enough (and
+    # keeps the per-call cost off the thousands of parameters of a large UNet).
+    data_positions: list[int]
+
+    @classmethod
+    def read(cls, dynamo_gm: fx.GraphModule, example_inputs: list, config: DistriConfig) -> InputLayout:
+        spatial = spatial_inputs(dynamo_gm, example_inputs, config.spatial_inputs, config.grids)
+        placeholders = [n for n in dynamo_gm.graph.nodes if n.op == "placeholder"]
+        return cls(
+            name=_graph_name(),
+            input_names=[answers[0] for answers in input_names(placeholders)],
+            spatial=spatial,
+            timesteps=timestep_inputs(dynamo_gm, example_inputs, spatial),
+            token_inputs=[] if spatial else token_sequences(dynamo_gm, example_inputs),
+            parameter_positions=[i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)],
+            data_positions=[i for i, x in enumerate(example_inputs) if not isinstance(x, torch.nn.Parameter)],
+        )
+
+
+class DistriRuntime(SerializableCallable):
     """Compiles one Dynamo graph into per-rank programs for each input shape, and runs them.
 
     With a displaced ``sync_mode`` each shape has two programs: the warm-up one (exchanges
@@ -81,21 +117,14 @@ class DistriRuntime:
     jumps (``NEW_SAMPLE_JUMP``: not the previous step's continuation).
     """
 
-    def __init__(self, dynamo_gm: fx.GraphModule, example_inputs: list, config: DistriConfig):
+    def __init__(self, dynamo_gm: fx.GraphModule, layout: InputLayout, config: DistriConfig):
         self.dynamo_gm = dynamo_gm
         self.config = config
-        self.spatial = spatial_inputs(dynamo_gm, example_inputs, config.spatial_inputs, config.grids)
-        self.timesteps = timestep_inputs(dynamo_gm, example_inputs, self.spatial)
-        self.token_inputs = [] if self.spatial else token_sequences(dynamo_gm, example_inputs)
-        placeholders = [n for n in dynamo_gm.graph.nodes if n.op == "placeholder"]
-        self.input_names = [answers[0] for answers in input_names(placeholders)]
-        self.name = _graph_name()
-        # Dynamo reuses one graph for every instance of a model class (parameters are inputs),
-        # so each call's model is told apart by the parameter tensors it passes.
-        self.parameter_positions = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.nn.Parameter)]
-        # Parameter shapes are fixed by the graph: a per-call key over the other inputs is enough
-        # (and keeps the per-call cost off the thousands of parameters of a large UNet).
-        self.data_positions = [i for i, x in enumerate(example_inputs) if not isinstance(x, torch.nn.Parameter)]
+        self.layout = layout
+        self.name = layout.name
+        self.spatial, self.timesteps, self.token_inputs = layout.spatial, layout.timesteps, layout.token_inputs
+        self.input_names = layout.input_names
+        self.parameter_positions, self.data_positions = layout.parameter_positions, layout.data_positions
         # no_sync leaves the other ranks' rows of each output stale, so the ranks' samples differ by
         # design there: the check compares their shapes only.
         self.fingerprinted = [i for i in self.data_positions if not (config.sync_mode == "no_sync" and i in self.spatial)]
@@ -105,6 +134,23 @@ class DistriRuntime:
         self.compilations = 0
         self.workers_started = 0  # compile worker processes
         self.worker_cache_hits = 0  # units (phases or pieces) loaded from the cache a compile worker filled
+
+    # A precompiled model (``precompile``: torch's AOT compile, which keeps Dynamo's work too) saves
+    # its backend's result through these: the graph, its input layout and the options. What the
+    # runtime compiles from them, it finds in the plan and Inductor caches, shipped beside it.
+    @classmethod
+    def serialize_compile_artifacts(cls, runtime: DistriRuntime) -> bytes:
+        if runtime.config.group is not None:
+            raise DistriCompileError(
+                "districompile.precompile: a model compiled with group= cannot be saved (a process group lives in "
+                "one process); precompile it on the default group, the one init_process_group makes"
+            )
+        return pickle.dumps({"graph": portable_graph(runtime.dynamo_gm), "layout": runtime.layout, "config": runtime.config})
+
+    @classmethod
+    def deserialize_compile_artifacts(cls, data: bytes) -> DistriRuntime:
+        saved = pickle.loads(data)
+        return cls(load_portable_graph(saved["graph"]), saved["layout"], saved["config"])
 
     @property
     def trajectories(self) -> dict[tuple, Trajectory]:

@@ -16,6 +16,8 @@
 - With ``host_checks="deferred"``, a replayed steady call makes no synchronizing CUDA call.
 - With ``background_compile``, the first image runs the eager lowering's CUDA graphs and the next
   one Inductor's, every call equal to ``full_sync``.
+- A precompiled forward (``districompile.precompile``) saved from one instance loads onto
+  another without Dynamo tracing again, every call equal to ``full_sync``.
 - A displaced steady phase replayed as a CUDA graph keeps its stale state right: with
   ``stale_gn`` (GroupNorm statistics of the previous call), the replayed trajectory equals the
   eager lowering of the same program, call by call, also after ``reset``.
@@ -171,6 +173,37 @@ def test_background_compile_takes_over_between_images(batch2, tmp_path, monkeypa
     assert lowerings == ["eager"] * CALLS + ["inductor"] * CALLS
     assert runtime.graph_counts() == {"captures": 2, "replays": CALLS - 2, "eager_calls": 2}  # Inductor's phases
     assert max(errors) < 1e-4, errors
+
+
+def test_a_precompiled_forward_loads_onto_another_instance(batch2, tmp_path, monkeypatch):
+    """``districompile.precompile`` on the path users run (Inductor, CUDA graphs, batch 2) and on
+    this GPU's torch: the forward saved from one instance of the tiny SDXL is loaded onto another
+    without Dynamo tracing it again, and every call of both equals ``full_sync``, the loaded
+    instance's the first's bit for bit."""
+    from torch._dynamo.utils import compilation_time_metrics
+
+    from districompile import precompile
+
+    _, args, kwargs, full_sync = batch2("tiny_sdxl")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    fresh_dynamo()
+    split = SPLITS[-1]
+    options = {"warmup_steps": WARMUP, "single_rank_exchanges": dist.get_world_size() == 1, "split_batch": split}
+    # Two instances of the seeded model, not the fixture's (precompile installs itself on the module).
+    first, second = (on_gpu(*tiny_sdxl_unet(batch=2), torch.float32)[0] for _ in range(2))
+    with torch.no_grad():
+        precompile.precompile(first, args, kwargs, options)
+        outputs = [as_tensor(first(*args, **kwargs)) for _ in range(CALLS)]
+        path = precompile.save(first, tmp_path / "forward")
+        traces = len(compilation_time_metrics.get("fullgraph_capture", []))
+        precompile.load(second, path)
+        loaded = [as_tensor(second(*args, **kwargs)) for _ in range(CALLS)]
+    assert traces == 1 and len(compilation_time_metrics["fullgraph_capture"]) == 1
+    errors = [relative_error(out, full_sync[split]) for out in outputs + loaded]
+    print(f"\nprecompiled: rel err per call {[f'{e:.1e}' for e in errors]}")
+    assert max(errors) < 1e-4, errors
+    for fresh, again in zip(outputs, loaded):
+        torch.testing.assert_close(again, fresh, rtol=0, atol=0)
 
 
 def test_deferred_checks_queue_steady_calls_without_a_host_sync():

@@ -22,11 +22,15 @@ from ..errors import DistriCompileError, ShapeError
 from ..sharding import RowSplit, Shard
 from .propagate import propagate
 
+# Where a graph saved for another process (``precompile.portable_graph``) keeps a placeholder's source.
+SAVED_SOURCE = "districompile_source"
+
+
 def source_name(node: fx.Node) -> str | None:
     """The Python expression Dynamo read a placeholder from, e.g. ``L['sample']``."""
     arg = node.meta.get("grapharg")
     if arg is None or arg.source is None:
-        return None
+        return node.meta.get(SAVED_SOURCE)
     name = arg.source.name
     return name() if callable(name) else name
 
@@ -92,6 +96,9 @@ class TokenInput(int):
         token_input = super().__new__(cls, position)
         token_input.grid = grid
         return token_input
+
+    def __getnewargs__(self):  # pickled with a precompiled model's input layout
+        return int(self), self.grid
 
 
 def spatial_inputs(
