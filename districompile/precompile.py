@@ -13,8 +13,8 @@ the plan and Inductor caches where they hold them.
     save(unet, "rank0-of-2.forward")         # with districompile.warm.save for the caches
     load(unet, "rank0-of-2.forward")         # a fresh process: unet(...) traces nothing
 
-The model's ``forward`` is traced, without the module's hooks (a model with hooks is refused),
-for the example inputs' shapes, dtypes and devices: a call that differs fails the saved guards,
+The model's ``forward`` is traced, without the model's own forward hooks (a model with some is
+refused), for the example inputs' shapes, dtypes and devices: a call that differs fails the saved guards,
 and the error names what differs. Weights are inputs, not saved; the file holds a fingerprint of
 the model (its class, its config, its parameters' and buffers' names, shapes and dtypes) that
 ``load`` checks. It is a pickle: load only files you trust.
@@ -47,7 +47,7 @@ def precompile(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = N
     _refuse_hooks(model)
     with torch._dynamo.config.patch(enable_aot_compile=True):  # off by default before torch 2.13
         compiled = torch.compile(
-            _traced_forward, backend=_DistriBackend(_input_sources(model, args, kwargs or {}), options), fullgraph=True,
+            _traced_forward, backend=_DistriBackend(model, _input_sources(model, args, kwargs or {}), options), fullgraph=True,
             dynamic=False, options={"guard_filter_fn": _saved_guards},
         )
         _install(model, compiled.aot_compile(((model, *args), kwargs or {})))
@@ -69,19 +69,22 @@ _traced_forward.__qualname__ = "_traced_forward"  # pickled by reference, as thi
 
 class _DistriBackend:
     """The distri backend under torch's AOT compile, whose graph's placeholders do not say where
-    Dynamo read them (torch 2.13): each is named here by the tensor it was given, as Dynamo
-    would have named it (``L['sample']``, ``L['self']`` for the model's parameters and buffers)."""
+    Dynamo read them, and whose tracing context holds no traced code (torch 2.11 and 2.13): each
+    placeholder is named here by the tensor it was given, as Dynamo would have named it
+    (``L['sample']``, ``L['self']`` for the model's parameters and buffers), and the graph by the model."""
 
-    def __init__(self, sources: dict[int, str], options: dict | None):
-        self.sources, self.options = sources, options
+    def __init__(self, model: torch.nn.Module, sources: dict[int, str], options: dict | None):
+        self.name, self.sources, self.options = f"graph of {type(model).__name__}.forward", sources, options
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list, **_):
-        from .backends.distri import distri_backend
+        from .config import DistriConfig
+        from .runtime import DistriRuntime, InputLayout
 
         for node, value in zip(gm.graph.find_nodes(op="placeholder"), example_inputs):
             if source_name(node) is None and id(value) in self.sources:
                 node.meta[SAVED_SOURCE] = self.sources[id(value)]
-        return distri_backend(gm, example_inputs, self.options)
+        config = DistriConfig.from_options(self.options)
+        return DistriRuntime(gm, InputLayout.read(gm, list(example_inputs), config, self.name), config)
 
 
 def _input_sources(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[int, str]:

@@ -91,11 +91,11 @@ class InputLayout:
     data_positions: list[int]
 
     @classmethod
-    def read(cls, dynamo_gm: fx.GraphModule, example_inputs: list, config: DistriConfig) -> InputLayout:
+    def read(cls, dynamo_gm: fx.GraphModule, example_inputs: list, config: DistriConfig, name: str | None = None) -> InputLayout:
         spatial = spatial_inputs(dynamo_gm, example_inputs, config.spatial_inputs, config.grids)
         placeholders = [n for n in dynamo_gm.graph.nodes if n.op == "placeholder"]
         return cls(
-            name=_graph_name(),
+            name=name or _graph_name(),
             input_names=[answers[0] for answers in input_names(placeholders)],
             spatial=spatial,
             timesteps=timestep_inputs(dynamo_gm, example_inputs, spatial),

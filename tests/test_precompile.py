@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 from dist import run_ranks
-from models import micro_sdxl_unet, tiny_sd15_unet
+from models import micro_sd_unet, micro_sdxl_unet, tiny_sd15_unet
 
 from districompile import precompile
 from districompile.errors import DistriCompileError
@@ -22,14 +22,21 @@ from districompile.errors import DistriCompileError
 CALLS = 3  # warm-up, then two steady calls (warmup_steps=1)
 
 
-def precompile_and_call(rank, world_size, directory, restart, lowering, batch, options):
+MODELS = {"micro_sd": micro_sd_unet, "micro_sdxl": micro_sdxl_unet}
+INPUT_NAMES = {
+    "micro_sd": ["sample", "timestep", "encoder_hidden_states"],
+    "micro_sdxl": ["sample", "timestep", "added_cond_kwargs", "added_cond_kwargs", "encoder_hidden_states"],
+}
+
+
+def precompile_and_call(rank, world_size, directory, restart, lowering, batch, options, name="micro_sdxl"):
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(directory, f"inductor-{'restart' if restart else 'cold'}-{rank}")
     from torch._dynamo.utils import compilation_time_metrics, counters
 
     import districompile
     from districompile import warm
 
-    model, args, kwargs = micro_sdxl_unet(batch=batch)
+    model, args, kwargs = MODELS[name](batch=batch)
     with torch.no_grad():
         if restart:
             warm.load(directory, model)
@@ -47,7 +54,7 @@ def precompile_and_call(rank, world_size, directory, restart, lowering, batch, o
         "traced": any(key in compilation_time_metrics for key in ("fullgraph_capture", "_compile.compile_inner")),
         "inductor": {k: v for k, v in counters["inductor"].items() if k.startswith("fxgraph_cache")},
         "plans": dict(counters["districompile"]),
-        "names": [runtime.input_names[i] for i in runtime.data_positions],
+        "names": [runtime.input_names[i] for i in runtime.data_positions] == INPUT_NAMES[name],
         "spatial": [runtime.input_names[i] for i in runtime.spatial],
         "batch_split": trajectory.batch_split is not None,
     }
@@ -56,22 +63,23 @@ def precompile_and_call(rank, world_size, directory, restart, lowering, batch, o
 def check_restart(cold: dict, restarted: dict):
     assert cold["traced"] and not restarted["traced"], (cold["traced"], restarted["traced"])
     for run in (cold, restarted):
-        assert run["names"] == ["sample", "timestep", "added_cond_kwargs", "added_cond_kwargs", "encoder_hidden_states"], run["names"]
+        assert run["names"], "the inputs are named by the model's parameters"
         assert run["spatial"] == ["sample"], run["spatial"]
     for fresh, loaded in zip(cold["outputs"], restarted["outputs"]):
         torch.testing.assert_close(loaded, fresh, rtol=0, atol=0)
         torch.testing.assert_close(fresh, cold["alone"])  # the same inputs every call: the model's output
 
 
-def test_restart_loads_the_trace_the_programs_and_every_phase(tmp_path):
-    """Inductor, a patch rank's two phases with their exchange ops at world 1: restarted, nothing is
-    traced, planned or compiled, and every call is the cold process's bit for bit."""
-    options = {"single_rank_exchanges": True}
-    (cold,) = run_ranks(precompile_and_call, 1, str(tmp_path), False, "inductor", 2, options, timeout=600)
-    (restarted,) = run_ranks(precompile_and_call, 1, str(tmp_path), True, "inductor", 2, options, timeout=600)
+def test_restart_loads_the_trace_the_program_and_its_phase(tmp_path):
+    """Inductor, a patch rank's program with its exchange ops at world 1 (``full_sync``: one phase,
+    to keep the test short; the restarts below run both phases): restarted, nothing is traced,
+    planned or compiled, and every call is the cold process's bit for bit."""
+    options = {"single_rank_exchanges": True, "sync_mode": "full_sync"}
+    (cold,) = run_ranks(precompile_and_call, 1, str(tmp_path), False, "inductor", 2, options, "micro_sd", timeout=600)
+    (restarted,) = run_ranks(precompile_and_call, 1, str(tmp_path), True, "inductor", 2, options, "micro_sd", timeout=600)
     check_restart(cold, restarted)
     assert cold["plans"] == {"plan_cache_miss": 1} and restarted["plans"] == {"plan_cache_hit": 1}, (cold["plans"], restarted["plans"])
-    assert restarted["inductor"] == {"fxgraph_cache_hit": 2}, restarted["inductor"]
+    assert restarted["inductor"] == {"fxgraph_cache_hit": 1}, restarted["inductor"]
 
 
 @pytest.mark.parametrize("batch", [1, 2], ids=["patch", "cfg-split"])
