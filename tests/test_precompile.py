@@ -120,9 +120,13 @@ def test_a_saved_forward_refuses_another_model_and_other_inputs(tmp_path):
 
 
 def test_what_cannot_be_precompiled_is_refused(tmp_path):
+    from districompile import warm
+
     model, args, kwargs = micro_sdxl_unet()
     with pytest.raises(DistriCompileError, match="is not precompiled"):
         precompile.save(model, tmp_path / "forward")
+    with pytest.raises(DistriCompileError, match="no traced forward at .*rank0-of-1.forward"):
+        warm.load(tmp_path, model)  # its calls would run the model uncompiled
     model.register_forward_hook(lambda module, inputs, output: output)
     with pytest.raises(DistriCompileError, match="not the model's own forward hooks"):
         precompile.precompile(model, args, kwargs)
